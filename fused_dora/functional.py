@@ -1,0 +1,259 @@
+"""The functional DoRA op: input checks, backend dispatch and the fused autograd Function.
+
+Math (DESIGN.md section 1), x [M, K], W [N, K], A [r, K], B [N, r], magnitude g [N]:
+
+    n = ||W + s * B @ A||_rows (fp32, detached)     c = g / max(n, NORM_EPS)
+    y = c * (x @ W.T + s * dropout(x) @ A.T @ B.T) + bias
+"""
+import math
+import numbers
+import os
+from typing import Optional
+
+import torch
+
+from . import reference
+from .reference import NORM_EPS, magnitude_scale
+
+BACKENDS = ("auto", "triton", "reference")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REFERENCE_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+def _kernels():
+    """fused_dora.kernels, imported on first use (it imports triton)."""
+    from . import kernels
+
+    return kernels
+
+
+def triton_available_for(device: torch.device) -> Optional[str]:
+    """None if the Triton kernels can run on tensors of ``device``, else the reason why not."""
+    if device.type == "cuda":
+        pass
+    elif device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+    else:
+        return f"Triton kernels do not run on {device.type} tensors"
+    try:
+        kernels = _kernels()
+    except ImportError as exc:  # e.g. no triton wheel on this platform
+        return f"triton cannot be imported ({exc})"
+    if device.type == "cpu" and not kernels.INTERPRET:
+        return "triton was imported before TRITON_INTERPRET=1 was set, so kernels are compiled for a GPU"
+    return None
+
+
+def _check_tensor(name, t, ndim, device, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must share x's device")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, torch.Tensor) and scaling.numel() == 1:
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return scaling
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a real number, got {type(dropout_p).__name__}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, backend="auto", norm=None):
+    """Validate the op's arguments; returns (scaling, dropout_p) as floats.
+
+    Raises TypeError / ValueError naming the offending argument.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    allowed = _KERNEL_DTYPES if backend == "triton" else _REFERENCE_DTYPES  # "auto" sends float64 to the reference
+    if x.dtype not in allowed:
+        raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(str(d) for d in allowed)} (backend={backend!r})")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    dev = x.device
+    _check_tensor("weight", weight, 2, dev)
+    N, K = weight.shape
+    if N < 1 or K < 1:
+        raise ValueError(f"weight must have out_features >= 1 and in_features >= 1, got shape {tuple(weight.shape)}")
+    if x.shape[-1] != K:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but weight has in_features={K}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match (as for nn.Linear)")
+    _check_tensor("lora_A", lora_A, 2, dev)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    _check_tensor("lora_A", lora_A, 2, dev, (r, K))
+    _check_tensor("lora_B", lora_B, 2, dev, (N, r))
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B has dtype {lora_B.dtype} but lora_A has {lora_A.dtype}; adapters must share a dtype")
+    if lora_A.dtype not in (x.dtype, torch.float32, torch.float64):
+        raise TypeError(f"lora_A has dtype {lora_A.dtype}; adapters must be float32 or x's dtype ({x.dtype})")
+    _check_tensor("magnitude", magnitude, 1, dev, (N,))
+    if bias is not None:
+        _check_tensor("bias", bias, 1, dev, (N,))
+        if bias.dtype not in (x.dtype, torch.float32, torch.float64):
+            raise TypeError(f"bias has dtype {bias.dtype}; it must be float32 or x's dtype ({x.dtype})")
+    if norm is not None:
+        _check_tensor("norm", norm, 1, dev, (N,))
+    if backend == "triton" and any(t.dtype == torch.float64 for t in (lora_A, magnitude) + ((bias,) if bias is not None else ())):
+        raise TypeError("backend='triton' does not take float64 tensors; use backend='reference'")
+    return _check_scaling(scaling), _check_dropout(dropout_p)
+
+
+def resolve_backend(backend: str, x: torch.Tensor, *tensors) -> str:
+    """'triton' or 'reference' for these inputs; raises ValueError if 'triton' was forced but cannot run."""
+    if backend == "reference":
+        return "reference"
+    why_not = triton_available_for(x.device)
+    if why_not is None and any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors):
+        why_not = "the Triton kernels do not take float64 tensors"
+    if why_not is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run here: {why_not}")
+    return "reference"
+
+
+def draw_dropout_seed() -> int:
+    """A Philox seed from torch's default CPU generator.
+
+    Drawing from the CPU generator needs no device sync, and torch.utils.checkpoint restores
+    that generator before recomputing, so a recomputed forward draws the same mask.
+    """
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> torch.Tensor:
+    """n [N] fp32 = ||weight + scaling * lora_B @ lora_A||_2 per row, detached, not clamped.
+
+    weight [N, K], lora_A [r, K], lora_B [N, r]. The Triton kernel never forms B @ A densely.
+    """
+    with torch.no_grad():
+        if resolve_backend(backend, weight, lora_A, lora_B) == "triton":
+            return _kernels().dora_row_norm(weight, lora_A, lora_B, float(scaling))
+        return reference.weight_norm(weight, lora_A, lora_B, float(scaling)).float()
+
+
+class FusedDoraFunction(torch.autograd.Function):
+    """Fused DoRA on 2-D inputs with the norm given (constant). See the module docstring.
+
+    forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32, scaling, dropout_p, seed)
+    Gradients: x, lora_A, lora_B, magnitude by the fused kernels; weight and bias (frozen in
+    DoRA) get correct gradients computed with plain PyTorch matmuls if they require grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
+        k = _kernels()
+        need_dx, need_dw, need_db, need_da, need_dbb, need_dmag = ctx.needs_input_grad[:6]
+        scale = magnitude_scale(magnitude, norm.float())
+        M, N = x.shape[0], weight.shape[0]
+        if M == 0:
+            y, ypre = x.new_empty((0, N)), x.new_empty((0, N))
+            u = torch.empty((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
+        else:
+            u = k.lora_down(x, lora_A, dropout_p, seed)
+            y, ypre = k.dora_forward(x, weight, u, lora_B, scale, bias, scaling, store_ypre=need_dmag)
+        ctx.save_for_backward(
+            x if (need_da or need_dw) else None, weight, lora_A, lora_B,
+            u if need_dbb else None, ypre if need_dmag else None, scale, norm,
+        )
+        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.has_bias = bias is not None
+        ctx.dtypes = (lora_A.dtype, lora_B.dtype, magnitude.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        k = _kernels()
+        x, weight, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_da, need_dbb, need_dmag = ctx.needs_input_grad[:6]
+        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
+        a_dtype, b_dtype, mag_dtype, bias_dtype = ctx.dtypes
+        M, N = dy.shape
+        K = weight.shape[1]
+        dx = dw = db = da = dbb = dmag = None
+        if M == 0:
+            dx = dy.new_empty((0, K)) if need_dx else None
+            da = torch.zeros_like(lora_A) if need_da else None
+            dbb = torch.zeros_like(lora_B) if need_dbb else None
+            dmag = torch.zeros(N, dtype=mag_dtype, device=dy.device) if need_dmag else None
+        else:
+            if need_dx or need_da:
+                v = k.lora_up_grad(dy, scale, lora_B)
+                if need_dx:
+                    dx = k.dora_input_grad(dy, scale, weight, v, lora_A, s, p, seed)
+                if need_da:
+                    da = (s * k.lora_A_grad(v, x, p, seed)).to(a_dtype)
+            if need_dmag or need_dbb:
+                dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_dbb)
+                if need_dmag:
+                    dmag = (dmag_raw / norm.float().clamp_min(NORM_EPS)).to(mag_dtype)
+                if need_dbb:
+                    dbb = ((s * scale)[:, None] * db_raw).to(b_dtype)
+        if need_dw:  # W is frozen in DoRA; a plain (unfused) gradient for callers who train it
+            dw = ((dy.float() * scale).T @ x.float()).to(weight.dtype)
+        if need_db and ctx.has_bias:
+            db = dy.float().sum(0).to(bias_dtype)
+        return dx, dw, db, da, dbb, dmag, None, None, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    backend: str = "auto",
+    *,
+    norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA linear layer: y [..., N] = c * (x @ W.T + s * dropout(x) @ A.T @ B.T) + bias.
+
+    x [..., K] (fp16 / bf16 / fp32; any strides), weight [N, K] (x's dtype, frozen),
+    bias [N] or None, lora_A [r, K] and lora_B [N, r] (fp32 or x's dtype), magnitude [N],
+    scaling = alpha / r (or alpha / sqrt(r) for rsLoRA). Dropout (probability dropout_p)
+    applies to the LoRA path only, and only when ``training``. The row norm n of
+    W + s * B @ A is computed in fp32 and treated as a constant (no gradient flows through it);
+    pass ``norm`` [N] to reuse a precomputed one. ``backend``: "auto" (Triton for CUDA tensors
+    and for CPU tensors under TRITON_INTERPRET=1, else the reference), "triton" (forced; a
+    ValueError where it cannot run) or "reference" (pure PyTorch, also float64).
+    Returns y in x's dtype.
+    """
+    scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm)
+    p = dropout_p if training else 0.0
+    use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude)
+    if use == "reference":
+        return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training=p > 0, norm=norm)
+    if norm is None:
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend="triton")
+    K, N = weight.shape[1], weight.shape[0]
+    seed = draw_dropout_seed() if p > 0 else 0
+    y = FusedDoraFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed)
+    return y.reshape(*x.shape[:-1], N)

@@ -1,0 +1,208 @@
+"""FusedDoraLinear: a drop-in nn.Linear with a DoRA adapter, served by the fused kernels."""
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .functional import BACKENDS, dora_linear, dora_weight_norm
+from .reference import magnitude_scale
+
+
+def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    # as PEFT does by default: adapters of a half-precision base are kept in fp32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _stamp(t: torch.Tensor):
+    """What identifies a tensor's current contents without reading them."""
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+class FusedDoraLinear(nn.Module):
+    """y = magnitude / ||W + s*B@A||_rows * (x @ W.T + s * B(A(dropout(x)))) + bias.
+
+    Parameters: ``weight`` [out, in] and ``bias`` [out] (frozen), ``lora_A`` [r, in],
+    ``lora_B`` [out, r], ``magnitude`` [out] (trainable). ``scaling`` = lora_alpha / r, or
+    lora_alpha / sqrt(r) with ``use_rslora``. A fresh layer computes exactly its base Linear
+    (lora_B = 0, magnitude = row norms of weight).
+
+    Adapters are created in ``adapter_dtype`` (default: fp32 for a half-precision ``dtype``,
+    as PEFT does, else ``dtype``). ``backend`` is passed to :func:`fused_dora.dora_linear`.
+
+    The row norm is cached and reused while weight, lora_A, lora_B and scaling are unchanged
+    (checked through tensor version counters and storage pointers on every call), so it is
+    computed once per optimizer step in training and once in inference. Writes through
+    ``.data`` bypass version counters: after those call :meth:`clear_norm_cache`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        bias: bool = True,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        adapter_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not math.isfinite(float(lora_alpha)):
+            raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        adapter_dtype = adapter_dtype if adapter_dtype is not None else _default_adapter_dtype(dtype)
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.lora_dropout, self.use_rslora = float(lora_alpha), float(lora_dropout), use_rslora
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adapter_dtype))
+        self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=adapter_dtype))
+        self.merged = False
+        self._norm_cache = None
+        self._merge_state = None
+        self.reset_parameters()
+
+    # ---- construction -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Base weight and bias as nn.Linear initialises them, then :meth:`reset_adapter`."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """lora_A Kaiming-uniform (as PEFT), lora_B zeros, magnitude = row norms of weight."""
+        if self.merged:
+            raise RuntimeError("reset_adapter() on a merged layer: call unmerge() first")
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+            self.magnitude.copy_(torch.linalg.vector_norm(self.weight.float(), dim=1))
+        self.clear_norm_cache()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        adapter_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
+    ) -> "FusedDoraLinear":
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        # built on the meta device, so no throwaway weight is allocated or initialised
+        layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, linear.bias is not None,
+                    use_rslora, device="meta", dtype=w.dtype, adapter_dtype=adapter_dtype, backend=backend)
+        w.requires_grad_(False)
+        layer.weight = w
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+            layer.bias = linear.bias
+        for name in ("lora_A", "lora_B", "magnitude"):
+            meta = getattr(layer, name)
+            setattr(layer, name, nn.Parameter(torch.empty(meta.shape, device=w.device, dtype=meta.dtype)))
+        layer.reset_adapter()
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
+                f"bias={self.bias is not None}, merged={self.merged}")
+
+    # ---- the norm cache -----------------------------------------------------------------
+    def clear_norm_cache(self) -> None:
+        self._norm_cache = None
+
+    def weight_norm(self) -> torch.Tensor:
+        """n [out] fp32, detached: ||weight + scaling * lora_B @ lora_A|| per row, cached."""
+        key = (_stamp(self.weight), _stamp(self.lora_A), _stamp(self.lora_B), self.scaling)
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
+        self._norm_cache = (key, norm)
+        return norm
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_norm_cache()  # .to() / .cuda() / .half() move or recast the parameters
+        return super()._apply(fn, *args, **kwargs)
+
+    # ---- forward, merge -----------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features], in x's dtype."""
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return dora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
+            dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into weight: W <- c * (W + s * B @ A) (fp32, then weight's dtype).
+
+        Afterwards forward is a plain F.linear. The adapters stay; :meth:`unmerge` restores W.
+        """
+        if self.merged:
+            warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
+            return
+        w = self.weight
+        scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        # rows with scale == 0 cannot be divided back out in unmerge(): keep them verbatim
+        lost = (scale == 0).nonzero().flatten()
+        self._merge_state = {
+            "scale": scale, "lost_rows": lost, "lost_values": w[lost].clone(),
+            "adapters": (_stamp(self.lora_A), _stamp(self.lora_B), _stamp(self.magnitude), self.scaling),
+        }
+        w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight merged by :meth:`merge` (within weight's dtype rounding)."""
+        if not self.merged:
+            warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done")
+            return
+        st = self._merge_state
+        if st["adapters"] != (_stamp(self.lora_A), _stamp(self.lora_B), _stamp(self.magnitude), self.scaling):
+            raise RuntimeError("unmerge(): lora_A, lora_B, magnitude or scaling changed since merge(); "
+                               "the base weight cannot be recovered from the merged one")
+        w = self.weight
+        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        scale = st["scale"]
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        restored = w.float() / safe[:, None] - delta
+        restored[st["lost_rows"]] = st["lost_values"].float()
+        w.copy_(restored.to(w.dtype))
+        self.merged = False
+        self._merge_state = None

@@ -1,0 +1,24 @@
+"""Triton kernels for fused DoRA, one kernel family per module, each launcher beside its kernel.
+
+Importable as ``fused_dora.kernels`` (the folder ships inside the package namespace).
+Every launcher takes plain tensors, checks nothing the public API has already checked, and
+returns fp32 intermediates or outputs in the activation dtype; see each function's docstring.
+"""
+from ._launch import INTERPRET
+from .norm import dora_row_norm
+from .dropout import dropout_mask
+from .forward import lora_down, dora_forward
+from .backward import lora_up_grad, dora_input_grad
+from .adapter_grads import magnitude_and_B_grads, lora_A_grad
+
+__all__ = [
+    "INTERPRET",
+    "dora_row_norm",
+    "dropout_mask",
+    "lora_down",
+    "dora_forward",
+    "lora_up_grad",
+    "dora_input_grad",
+    "magnitude_and_B_grads",
+    "lora_A_grad",
+]

@@ -1,0 +1,57 @@
+"""Launch helpers shared by the kernel families: interpreter detection, configs, block sizes."""
+import os
+
+import torch
+import triton
+
+# Triton picks interpreted or compiled kernels when `@triton.jit` runs, i.e. when these modules
+# are imported, so the mode is fixed here once.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def configs(gpu_configs, interpreter_config):
+    """The autotune search space: the full list on a GPU, one small config under the interpreter.
+
+    The interpreter cannot benchmark (no driver), and autotune with one config never benchmarks.
+    """
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def block_r(r: int) -> int:
+    """Chunk size along the LoRA rank: a power of two >= 16 (tl.dot's minimum), at most 64.
+
+    Kernels loop over r in chunks of this size with masked loads, so any r >= 1 works and a
+    large r (e.g. 384) never needs an [M, r] tile in registers. The interpreter uses 16 so the
+    tests exercise the chunk loop with small ranks.
+    """
+    if INTERPRET:
+        return 16
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs follow torch's TF32 switch, like F.linear does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # Triton's default; ignored for 16-bit inputs
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: powers of two, so new sequence lengths do not retune."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(base_programs: int, rows: int, device: torch.device, rows_per_split_min: int = 64) -> int:
+    """How many slices to split a reduction over `rows` into, so the grid fills the GPU.
+
+    Each slice writes its own fp32 partial result that the launcher sums afterwards: the
+    reduction stays deterministic (no atomics).
+    """
+    want = triton.cdiv(2 * num_sms(device), max(base_programs, 1))
+    return max(1, min(want, triton.cdiv(max(rows, 1), rows_per_split_min)))

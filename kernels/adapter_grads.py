@@ -1,0 +1,140 @@
+"""Adapter-gradient kernels: column reductions over the M tokens.
+
+    dmag_raw = sum_m dy * ypre                   [N]     (launcher divides by n)
+    dB_raw   = dy.T @ u                          [N, r]  (launcher scales by s * c)
+    dA_raw   = v.T @ dropout(x)                  [r, K]  (launcher scales by s)
+
+dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid
+fills the GPU; every slice writes an fp32 partial that the launcher sums (deterministic).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import block_r, configs, dot_precision, split_count
+from .dropout import dropout_keep
+
+_COLPASS_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+    for bm, bc, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 8, 3)]
+]
+_COLPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})
+
+
+@triton.jit
+def _slice_bounds(M, M_SPLITS):
+    rows_per_split = tl.cdiv(M, M_SPLITS)
+    begin = tl.program_id(2) * rows_per_split
+    return begin, tl.minimum(begin + rows_per_split, M)
+
+
+@triton.autotune(configs=configs(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG),
+                 key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B"])
+@triton.jit
+def _magnitude_and_B_grad_kernel(
+    dy_ptr, ypre_ptr, u_ptr, dmag_ptr, db_ptr,   # dy, ypre [M, N]; u [M, R]; dmag [S, N]; db [S, N, R]
+    M, N, R, M_SPLITS,
+    stride_dym, stride_dyn,
+    COMPUTE_MAG: tl.constexpr, COMPUTE_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    outs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_ok = outs < N
+    rank_ok = ranks < R
+    m_begin, m_end = _slice_bounds(M, M_SPLITS)
+    mag_here = tl.program_id(1) == 0  # the first rank chunk owns the magnitude sum
+    dtype = dy_ptr.dtype.element_ty
+
+    dmag = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        if COMPUTE_MAG and mag_here:
+            ypre = tl.load(ypre_ptr + rows[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+            dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
+        if COMPUTE_B:
+            u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            db = tl.dot(tl.trans(dy), u.to(dtype), db, input_precision=PRECISION)
+    split = tl.program_id(2)
+    if COMPUTE_MAG and mag_here:
+        tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
+    if COMPUTE_B:
+        tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
+
+
+def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool):
+    """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
+
+    dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
+    u [M, r] fp32 contiguous. dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
+    """
+    M, N = dy.shape
+    R = u.shape[1]
+    BR = block_r(R)
+    r_chunks = triton.cdiv(R, BR) if compute_B else 1
+    splits = split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
+    dmag = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if compute_mag else None
+    db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
+    _magnitude_and_B_grad_kernel[grid](
+        dy, ypre if compute_mag else dy, u, dmag if compute_mag else u, db if compute_B else u,
+        M, N, R, splits, dy.stride(0), dy.stride(1),
+        COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, PRECISION=dot_precision(dy.dtype),
+    )
+    return (dmag.sum(0) if compute_mag else None), (db.sum(0) if compute_B else None)
+
+
+@triton.autotune(configs=configs(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG),
+                 key=["K", "R", "M_SPLITS", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_A_grad_kernel(
+    v_ptr, x_ptr, da_ptr,                 # v [M, R] fp32; x [M, K]; da [S, R, K] fp32
+    M, K, R, M_SPLITS,
+    stride_xm, stride_xk,
+    seed, p,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_ok = cols < K
+    rank_ok = ranks < R
+    m_begin, m_end = _slice_bounds(M, M_SPLITS)
+    dtype = x_ptr.dtype.element_ty
+
+    da = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < m_end
+        v_t = tl.load(v_ptr + ranks[:, None] + rows[None, :] * R, mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:  # regenerate the forward's mask
+            keep = dropout_keep(seed, rows, cols, K, p)
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
+        da = tl.dot(v_t.to(dtype), x, da, input_precision=PRECISION)
+    split = tl.program_id(2)
+    tl.store(da_ptr + split * R * K + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
+
+
+def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """dA_raw [r, K] fp32 = v.T @ dropout(x), with the forward's mask for ``seed``.
+
+    v [M, r] fp32 contiguous, x [M, K] (any strides).
+    """
+    M, K = x.shape
+    R = v.shape[1]
+    BR = block_r(R)
+    r_chunks = triton.cdiv(R, BR)
+    splits = split_count(triton.cdiv(K, 64) * r_chunks, M, x.device)
+    da = torch.empty((splits, R, K), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
+    _lora_A_grad_kernel[grid](
+        v, x, da, M, K, R, splits, x.stride(0), x.stride(1), int(seed), float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=dot_precision(x.dtype),
+    )
+    return da.sum(0)

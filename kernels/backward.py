@@ -1,0 +1,144 @@
+"""Input-gradient kernels (the norm is a constant, so e = dy * c is the only coupling):
+
+    v  = e @ B                                  lora_up_grad     [M, r] fp32, one pass over dy
+    dx = e @ W + s * dropout_bwd(v @ A)         dora_input_grad  one GEMM; c applied as dy is
+                                                                 loaded, the LoRA term and the
+                                                                 regenerated mask in the epilogue
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import block_r, configs, dot_precision, m_bucket
+from .dropout import dropout_keep
+from .forward import _GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, grouped_tile
+
+
+def _as_input_grad_config(cfg: triton.Config) -> triton.Config:
+    """The forward GEMM's tile shapes for dx: output [BLOCK_M, BLOCK_K], reduction step BLOCK_N."""
+    kw = dict(cfg.kwargs)
+    kw["BLOCK_K"], kw["BLOCK_N"] = kw["BLOCK_N"], kw["BLOCK_K"]
+    return triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_INPUT_GRAD_GPU_CONFIGS = [_as_input_grad_config(c) for c in _GEMM_GPU_CONFIGS]
+_INPUT_GRAD_INTERPRETER_CONFIG = _as_input_grad_config(_GEMM_INTERPRETER_CONFIG)
+
+_ROWPASS_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3)]
+]
+_ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+@triton.autotune(configs=configs(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "R"])
+@triton.jit
+def _lora_up_grad_kernel(
+    dy_ptr, scale_ptr, b_ptr, v_ptr,     # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
+    M, N, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    dtype = dy_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        outs = n0 + tl.arange(0, BLOCK_N)
+        out_ok = outs < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
+        e = (dy.to(tl.float32) * scale[None, :]).to(dtype)
+        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+                    mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
+        acc = tl.dot(e, b.to(dtype), acc, input_precision=PRECISION)
+    tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    """v [M, r] fp32 = (dy * scale) @ lora_B.
+
+    dy [M, N] (any strides, the activation dtype), scale [N] fp32, lora_B [N, r].
+    """
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    v = torch.empty((M, R), dtype=torch.float32, device=dy.device)
+    BR = block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
+    _lora_up_grad_kernel[grid](
+        dy, scale, lora_B, v, M, N, R, m_bucket(M),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        BLOCK_R=BR, PRECISION=dot_precision(dy.dtype),
+    )
+    return v
+
+
+@triton.autotune(configs=configs(_INPUT_GRAD_GPU_CONFIGS, _INPUT_GRAD_INTERPRETER_CONFIG),
+                 key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _dora_input_grad_kernel(
+    dy_ptr, scale_ptr, w_ptr, v_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+    scaling, seed, p,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # output tile dx[rows, cols] of BLOCK_M x BLOCK_K; the reduction runs over the N output
+    # features of the layer in steps of BLOCK_N
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < K
+    dtype = dy_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # base term: (dy * c) @ W, c applied as dy is loaded
+        outs = n0 + tl.arange(0, BLOCK_N)
+        out_ok = outs < N
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
+        e = (dy.to(tl.float32) * scale[None, :]).to(dtype)
+        w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=out_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(e, w, acc, input_precision=PRECISION)
+
+    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):  # LoRA term: v @ A
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = tl.dot(v.to(dtype), a.to(dtype), lora, input_precision=PRECISION)
+    if HAS_DROPOUT:  # same mask as the forward's lora_down, same 1/(1-p)
+        keep = dropout_keep(seed, rows, cols, K, p)
+        lora = tl.where(keep, lora / (1.0 - p), 0.0)
+    acc += scaling * lora
+    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def dora_input_grad(dy, scale, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
+    """dx [M, K] (dy's dtype) = (dy * scale) @ weight + scaling * dropout_bwd(v @ lora_A).
+
+    dy [M, N] (any strides), scale [N] fp32, weight [N, K] (dy's dtype), v [M, r] fp32
+    contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
+    """
+    M, N = dy.shape
+    K = weight.shape[1]
+    R = v.shape[1]
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _dora_input_grad_kernel[grid](
+        dy, scale, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        float(scaling), int(seed), float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=block_r(R), PRECISION=dot_precision(dy.dtype),
+    )
+    return dx

@@ -1,0 +1,163 @@
+"""Forward kernels: the LoRA down-projection and the fused DoRA GEMM.
+
+    u    = dropout(x) @ A.T                     lora_down     [M, r] fp32, unscaled
+    ypre = x @ W.T + s * u @ B.T                dora_forward  (r extra K-steps in the same GEMM)
+    y    = c * ypre + bias                      dora_forward  epilogue, one write of y
+
+The dropout mask is regenerated from `seed` (see dropout.py) and never stored.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import block_r, configs, dot_precision, m_bucket
+from .dropout import dropout_keep
+
+_DOWN_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3)]
+]
+_DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
+
+
+@triton.autotune(configs=configs(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG), key=["M_BUCKET", "K", "R", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _lora_down_kernel(
+    x_ptr, a_ptr, u_ptr,                 # x [M, K], A [R, K], u [M, R] fp32
+    M, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, p,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rows, cols, K, p)
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0).to(x_ptr.dtype.element_ty)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(x, a_t.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+    tl.store(u_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """u [M, r] fp32 = dropout(x) @ lora_A.T, unscaled.
+
+    x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (cast to x's dtype on load).
+    dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
+    """
+    M, K = x.shape
+    R = lora_A.shape[0]
+    u = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    BR = block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
+    _lora_down_kernel[grid](
+        x, lora_A, u, M, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        int(seed), float(dropout_p),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=dot_precision(x.dtype),
+    )
+    return u
+
+
+_GEMM_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        # small M (decode): memory-bound on W, so narrow M tiles and many N tiles
+        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 32, 256, 4, 3),
+    ]
+]
+_GEMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles walked together, so W tiles are reused from L2."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=configs(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "K", "R", "STORE_YPRE"])
+@triton.jit
+def _dora_forward_kernel(
+    x_ptr, w_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, y_ptr, ypre_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
+    scaling,
+    HAS_BIAS: tl.constexpr, STORE_YPRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    out_ok = outs < N
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # base GEMM: x @ W.T
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + outs[None, :] * stride_wn + cols[:, None] * stride_wk,
+                      mask=out_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
+    for r0 in range(0, R, BLOCK_R):  # LoRA up-projection as r extra K-steps: (s * u) @ B.T
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
+                      mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
+        acc = tl.dot((u * scaling).to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
+
+    out_offsets = rows[:, None] * N + outs[None, :]
+    out_mask = row_ok[:, None] & out_ok[None, :]
+    if STORE_YPRE:  # saved for the magnitude gradient
+        tl.store(ypre_ptr + out_offsets, acc.to(dtype), mask=out_mask)
+    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
+    y = acc * scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + out_offsets, y.to(dtype), mask=out_mask)
+
+
+def dora_forward(x, weight, u, lora_B, scale, bias, scaling: float, store_ypre: bool = False):
+    """y [M, N] (x's dtype) = scale * (x @ weight.T + scaling * u @ lora_B.T) + bias.
+
+    x [M, K] (any strides), weight [N, K] (x's dtype), u [M, r] fp32 contiguous,
+    lora_B [N, r], scale [N] fp32 (magnitude / norm), bias [N] or None.
+    With store_ypre, also returns ypre [M, N] (x's dtype), the pre-scale output, else None.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    R = u.shape[1]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    ypre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_ypre else None
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _dora_forward_kernel[grid](
+        x, weight, u, lora_B, scale, bias if bias is not None else scale, y, ypre if store_ypre else y,
+        M, N, K, R, m_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, STORE_YPRE=store_ypre, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
+    )
+    return y, ypre

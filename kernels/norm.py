@@ -1,0 +1,83 @@
+"""Row norm of the adapted weight, n_j = ||W_j + s * (B @ A)_j||_2, without a dense [N, K] temporary.
+
+One tiled pass over W: each program owns BLOCK_N rows and a slice of the K columns, forms the
+tile W + s * B @ A in registers (fp32 accumulate), and writes its partial sum of squares.
+The launcher adds the K slices (deterministic, no atomics) and takes the square root.
+Reads W exactly once; A and B are small and stay in L2.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import block_r, configs, dot_precision, split_count
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 8, 3)]
+]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
+
+
+@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["N", "K", "R", "K_SPLITS"])
+@triton.jit
+def _row_sumsq_kernel(
+    w_ptr, a_ptr, b_ptr, out_ptr,          # W [N, K], A [R, K], B [N, R], out [K_SPLITS, N] fp32
+    N, K, R,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    scaling,
+    K_SPLITS,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # this program's K slice: whole BLOCK_K steps, so the slices tile K exactly
+    k_steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(k_steps, K_SPLITS)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_end
+        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :] * stride_wk,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            b = tl.load(b_ptr + rows[:, None] * stride_bn + ranks[None, :] * stride_br,
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            ba = tl.dot(b, a, ba, input_precision=PRECISION)
+        tile = w.to(tl.float32) + scaling * ba
+        sumsq += tl.sum(tile * tile, axis=1)
+    tl.store(out_ptr + pid_k * N + rows, sumsq, mask=row_ok)
+
+
+def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """n [N] fp32 = row-wise L2 norm of ``weight + scaling * lora_B @ lora_A`` (not clamped).
+
+    weight [N, K] (fp16/bf16/fp32), lora_A [r, K], lora_B [N, r] (same dtype as each other).
+    The product B @ A runs on tensor cores in the adapters' dtype with fp32 accumulation
+    (fp32 adapters: 3xTF32 on a GPU, close to fp32 accuracy); the sum of squares is fp32.
+    """
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    # split K until the grid has ~2 programs per SM (N alone gives too few programs for small N)
+    k_splits = split_count(triton.cdiv(N, 64), triton.cdiv(K, 128), weight.device, rows_per_split_min=4)
+    partial = torch.empty((k_splits, N), dtype=torch.float32, device=weight.device)
+    # fp32 adapters: 3xTF32 keeps the norm at fp32 accuracy without plain-fp32 FMA speed
+    precision = "tf32x3" if lora_A.dtype == torch.float32 else dot_precision(lora_A.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), k_splits)
+    _row_sumsq_kernel[grid](
+        weight, lora_A, lora_B, partial, N, K, R,
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1),
+        float(scaling), k_splits,
+        BLOCK_R=block_r(R), PRECISION=precision,
+    )
+    return partial.sum(dim=0).sqrt()
