@@ -206,9 +206,9 @@ class FusedDoraFunction(torch.autograd.Function):
                 if need_dx:
                     dx = k.dora_input_grad(dy, scale, weight, v, lora_A, s, p, seed)
                 if need_da:
-                    da = (s * k.lora_A_grad(v, x, p, seed)).to(a_dtype)
+                    da = (s * k.lora_A_grad(v, x, p, seed, adapter_dtype=a_dtype)).to(a_dtype)
             if need_dmag or need_dbb:
-                dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_dbb)
+                dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_dbb, adapter_dtype=b_dtype)
                 if need_dmag:
                     dmag = (dmag_raw / norm.float().clamp_min(NORM_EPS)).to(mag_dtype)
                 if need_dbb:
@@ -244,8 +244,19 @@ def dora_linear(
     pass ``norm`` [N] to reuse a precomputed one. ``backend``: "auto" (Triton for CUDA tensors
     and for CPU tensors under TRITON_INTERPRET=1, else the reference), "triton" (forced; a
     ValueError where it cannot run) or "reference" (pure PyTorch, also float64).
-    Returns y in x's dtype.
+    Returns y in x's dtype. Under torch.autocast, x, weight and bias are cast to the autocast
+    dtype first (as nn.Linear is) and y comes back in that dtype.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # like nn.Linear under autocast: x, weight and bias compute in the autocast dtype;
+        # adapters stay in fp32 (the kernels take fp32 adapters as they are)
+        cast = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
+        if lora_A.dtype not in (cast, torch.float32):
+            lora_A, lora_B = lora_A.to(cast), lora_B.to(cast)
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm)
     scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm)
     p = dropout_p if training else 0.0
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude)

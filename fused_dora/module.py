@@ -95,14 +95,19 @@ class FusedDoraLinear(nn.Module):
         self.reset_adapter()
 
     def reset_adapter(self) -> None:
-        """lora_A Kaiming-uniform (as PEFT), lora_B zeros, magnitude = row norms of weight."""
+        """lora_A Kaiming-uniform (as PEFT), lora_B zeros, magnitude = row norms of weight.
+
+        The magnitude comes from the same norm routine the forward uses, so a fresh layer has
+        magnitude / norm == 1 exactly and computes its base Linear.
+        """
         if self.merged:
             raise RuntimeError("reset_adapter() on a merged layer: call unmerge() first")
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
-            self.magnitude.copy_(torch.linalg.vector_norm(self.weight.float(), dim=1))
         self.clear_norm_cache()
+        with torch.no_grad():
+            self.magnitude.copy_(self.weight_norm())
 
     @classmethod
     def from_linear(

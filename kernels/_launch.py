@@ -36,6 +36,18 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # Triton's default; ignored for 16-bit inputs
 
 
+def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype):
+    """(upcast, input_precision) for the small LoRA GEMMs (x@A.T, e@B, v.T@x, dy.T@u).
+
+    fp32 adapters over a 16-bit base (PEFT's default) keep fp32 accuracy there, as PEFT's own
+    fp32 LoRA path does: tiles are upcast and multiplied with 3xTF32 on tensor cores. These GEMMs
+    are memory-bound, so the extra passes cost little. Otherwise the activation dtype is used.
+    """
+    if adapter_dtype == torch.float32 and x_dtype != torch.float32:
+        return True, "tf32x3"
+    return False, dot_precision(x_dtype)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: powers of two, so new sequence lengths do not retune."""
     return triton.next_power_of_2(max(int(m), 1))

@@ -7,11 +7,13 @@
 dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid
 fills the GPU; every slice writes an fp32 partial that the launcher sums (deterministic).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, split_count
+from ._launch import block_r, configs, lora_precision, split_count
 from .dropout import dropout_keep
 
 _COLPASS_GPU_CONFIGS = [
@@ -36,7 +38,8 @@ def _magnitude_and_B_grad_kernel(
     M, N, R, M_SPLITS,
     stride_dym, stride_dyn,
     COMPUTE_MAG: tl.constexpr, COMPUTE_B: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     outs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -45,6 +48,8 @@ def _magnitude_and_B_grad_kernel(
     m_begin, m_end = _slice_bounds(M, M_SPLITS)
     mag_here = tl.program_id(1) == 0  # the first rank chunk owns the magnitude sum
     dtype = dy_ptr.dtype.element_ty
+    if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
+        dtype = tl.float32
 
     dmag = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
@@ -58,7 +63,7 @@ def _magnitude_and_B_grad_kernel(
             dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
         if COMPUTE_B:
             u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = tl.dot(tl.trans(dy), u.to(dtype), db, input_precision=PRECISION)
+            db = tl.dot(tl.trans(dy.to(dtype)), u.to(dtype), db, input_precision=PRECISION)
     split = tl.program_id(2)
     if COMPUTE_MAG and mag_here:
         tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
@@ -66,24 +71,28 @@ def _magnitude_and_B_grad_kernel(
         tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
 
 
-def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool):
+def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
+                          adapter_dtype: torch.dtype = torch.float32):
     """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
 
     dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
     u [M, r] fp32 contiguous. dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
+    splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
+    adapter_dtype (lora_B's) picks the precision of dy.T @ u (see _launch.lora_precision).
     """
     M, N = dy.shape
+    upcast, precision = lora_precision(dy.dtype, adapter_dtype)
     R = u.shape[1]
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR) if compute_B else 1
-    splits = split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
+    splits = splits or split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
     dmag = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if compute_mag else None
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
     _magnitude_and_B_grad_kernel[grid](
         dy, ypre if compute_mag else dy, u, dmag if compute_mag else u, db if compute_B else u,
         M, N, R, splits, dy.stride(0), dy.stride(1),
-        COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, PRECISION=dot_precision(dy.dtype),
+        COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return (dmag.sum(0) if compute_mag else None), (db.sum(0) if compute_B else None)
 
@@ -97,7 +106,8 @@ def _lora_A_grad_kernel(
     stride_xm, stride_xk,
     seed, p,
     HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -105,6 +115,8 @@ def _lora_A_grad_kernel(
     rank_ok = ranks < R
     m_begin, m_end = _slice_bounds(M, M_SPLITS)
     dtype = x_ptr.dtype.element_ty
+    if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
+        dtype = tl.float32
 
     da = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
@@ -115,26 +127,29 @@ def _lora_A_grad_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:  # regenerate the forward's mask
             keep = dropout_keep(seed, rows, cols, K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0).to(dtype)
-        da = tl.dot(v_t.to(dtype), x, da, input_precision=PRECISION)
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
+        da = tl.dot(v_t.to(dtype), x.to(dtype), da, input_precision=PRECISION)
     split = tl.program_id(2)
     tl.store(da_ptr + split * R * K + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
 
 
-def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
+                splits: Optional[int] = None, adapter_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dA_raw [r, K] fp32 = v.T @ dropout(x), with the forward's mask for ``seed``.
 
-    v [M, r] fp32 contiguous, x [M, K] (any strides).
+    v [M, r] fp32 contiguous, x [M, K] (any strides). splits, adapter_dtype: as for
+    magnitude_and_B_grads.
     """
     M, K = x.shape
+    upcast, precision = lora_precision(x.dtype, adapter_dtype)
     R = v.shape[1]
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR)
-    splits = split_count(triton.cdiv(K, 64) * r_chunks, M, x.device)
+    splits = splits or split_count(triton.cdiv(K, 64) * r_chunks, M, x.device)
     da = torch.empty((splits, R, K), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
     _lora_A_grad_kernel[grid](
         v, x, da, M, K, R, splits, x.stride(0), x.stride(1), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=dot_precision(x.dtype),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return da.sum(0)

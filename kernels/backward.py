@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, m_bucket
+from ._launch import block_r, configs, dot_precision, lora_precision, m_bucket
 from .dropout import dropout_keep
 from .forward import _GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, grouped_tile
 
@@ -37,13 +37,16 @@ def _lora_up_grad_kernel(
     dy_ptr, scale_ptr, b_ptr, v_ptr,     # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
     M, N, R, M_BUCKET,
     stride_dym, stride_dyn, stride_bn, stride_br,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < R
     dtype = dy_ptr.dtype.element_ty
+    if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
+        dtype = tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
@@ -67,11 +70,12 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) ->
     R = lora_B.shape[1]
     v = torch.empty((M, R), dtype=torch.float32, device=dy.device)
     BR = block_r(R)
+    upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_up_grad_kernel[grid](
         dy, scale, lora_B, v, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_R=BR, PRECISION=dot_precision(dy.dtype),
+        BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return v
 

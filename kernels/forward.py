@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, m_bucket
+from ._launch import block_r, configs, dot_precision, lora_precision, m_bucket
 from .dropout import dropout_keep
 
 _DOWN_GPU_CONFIGS = [
@@ -28,8 +28,11 @@ def _lora_down_kernel(
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, p,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    dtype = x_ptr.dtype.element_ty
+    if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
+        dtype = tl.float32
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
@@ -42,29 +45,30 @@ def _lora_down_kernel(
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rows, cols, K, p)
-            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0).to(x_ptr.dtype.element_ty)
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = tl.dot(x, a_t.to(x_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(x.to(dtype), a_t.to(dtype), acc, input_precision=PRECISION)
     tl.store(u_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """u [M, r] fp32 = dropout(x) @ lora_A.T, unscaled.
 
-    x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (cast to x's dtype on load).
+    x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (fp32 or x's dtype).
     dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
     """
     M, K = x.shape
     R = lora_A.shape[0]
     u = torch.empty((M, R), dtype=torch.float32, device=x.device)
     BR = block_r(R)
+    upcast, precision = lora_precision(x.dtype, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_down_kernel[grid](
         x, lora_A, u, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, PRECISION=dot_precision(x.dtype),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return u
 

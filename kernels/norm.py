@@ -5,6 +5,8 @@ tile W + s * B @ A in registers (fp32 accumulate), and writes its partial sum of
 The launcher adds the K slices (deterministic, no atomics) and takes the square root.
 Reads W exactly once; A and B are small and stay in L2.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -58,17 +60,19 @@ def _row_sumsq_kernel(
     tl.store(out_ptr + pid_k * N + rows, sumsq, mask=row_ok)
 
 
-def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  k_splits: Optional[int] = None) -> torch.Tensor:
     """n [N] fp32 = row-wise L2 norm of ``weight + scaling * lora_B @ lora_A`` (not clamped).
 
     weight [N, K] (fp16/bf16/fp32), lora_A [r, K], lora_B [N, r] (same dtype as each other).
     The product B @ A runs on tensor cores in the adapters' dtype with fp32 accumulation
     (fp32 adapters: 3xTF32 on a GPU, close to fp32 accuracy); the sum of squares is fp32.
+    k_splits overrides how many slices of K run in parallel (default: enough to fill the GPU).
     """
     N, K = weight.shape
     R = lora_A.shape[0]
     # split K until the grid has ~2 programs per SM (N alone gives too few programs for small N)
-    k_splits = split_count(triton.cdiv(N, 64), triton.cdiv(K, 128), weight.device, rows_per_split_min=4)
+    k_splits = k_splits or split_count(triton.cdiv(N, 64), triton.cdiv(K, 128), weight.device, rows_per_split_min=4)
     partial = torch.empty((k_splits, N), dtype=torch.float32, device=weight.device)
     # fp32 adapters: 3xTF32 keeps the norm at fp32 accuracy without plain-fp32 FMA speed
     precision = "tf32x3" if lora_A.dtype == torch.float32 else dot_precision(lora_A.dtype)

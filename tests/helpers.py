@@ -1,0 +1,70 @@
+"""Shared test helpers: random DoRA inputs and float64 truth."""
+import torch
+
+from fused_dora import reference
+
+# relative error bounds by activation dtype, vs the float64 reference (DESIGN.md section 4)
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0, device=DEVICE, lead=None):
+    """Fresh random (never zero) DoRA inputs; x has shape lead + (K,) if lead is given."""
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    shape = tuple(lead) + (K,) if lead is not None else (M, K)
+
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dt)
+
+    weight = rnd(N, K, scale=K ** -0.5)
+    return dict(
+        x=rnd(*shape),
+        weight=weight,
+        bias=rnd(N, scale=0.1) if bias else None,
+        lora_A=rnd(r, K, scale=K ** -0.5, dt=adapter_dtype),
+        lora_B=rnd(N, r, scale=0.5 / r ** 0.5, dt=adapter_dtype),
+        # magnitude near the row norms, but not equal to them, so c != 1
+        magnitude=(torch.rand(N, generator=g, dtype=torch.float64) + 0.5).to(device=device, dtype=adapter_dtype),
+    )
+
+
+TRAINABLE = ("x", "lora_A", "lora_B", "magnitude")
+
+
+def run(fn, inputs, grad_out_seed=1, grad_out_dtype=None, **kwargs):
+    """Call fn(**inputs, **kwargs) with grads on x and the adapters; returns (y, {name: grad}).
+
+    The output gradient is random, rounded to grad_out_dtype (default: y's dtype), so a float64
+    reference run can see the very values a 16-bit run saw.
+    """
+    leaves = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if v is not None else None) for k, v in inputs.items()}
+    y = fn(**leaves, **kwargs)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(grad_out_dtype or y.dtype)
+    dy = dy.to(device=y.device, dtype=y.dtype)
+    y.backward(dy)
+    return y.detach(), {k: leaves[k].grad for k in TRAINABLE}
+
+
+def fp64(inputs):
+    return {k: (v.detach().double() if v is not None else None) for k, v in inputs.items()}
+
+
+def reference_fp64(inputs, scaling, **kwargs):
+    """float64 truth: output and gradients of the DESIGN.md math on the same (rounded) inputs."""
+    return run(reference.dora_linear, fp64(inputs), grad_out_dtype=inputs["x"].dtype, scaling=scaling, **kwargs)
+
+
+def assert_close(out, grads, ref_out, ref_grads, dtype, what=""):
+    tol = TOL[dtype]
+    errs = {"y": rel_err(out, ref_out)}
+    errs.update({k: rel_err(grads[k], ref_grads[k]) for k in grads})
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{what}: relative errors above {tol}: {bad} (all: {errs})"

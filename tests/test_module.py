@@ -1,0 +1,171 @@
+"""FusedDoraLinear: construction, parity with the functional reference, norm cache, merge."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fused_dora
+import fused_dora.module as module_mod
+from fused_dora import FusedDoraLinear
+from helpers import DEVICE, rel_err
+
+
+def _randomise_adapter(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g).to(layer.magnitude))
+
+
+def test_fresh_layer_is_its_base_linear():
+    torch.manual_seed(0)
+    base = nn.Linear(37, 29, device=DEVICE)
+    layer = FusedDoraLinear.from_linear(base, r=4, lora_alpha=8)
+    x = torch.randn(5, 37, device=DEVICE)
+    assert torch.equal(layer.magnitude / layer.weight_norm(), torch.ones(29, device=DEVICE))
+    assert rel_err(layer(x), base(x)) < 1e-6
+
+
+def test_parameters_shapes_and_init():
+    layer = FusedDoraLinear(20, 12, r=6, lora_alpha=12, lora_dropout=0.1, device=DEVICE)
+    assert layer.weight.shape == (12, 20) and not layer.weight.requires_grad
+    assert layer.bias.shape == (12,) and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (6, 20) and layer.lora_A.requires_grad
+    assert layer.lora_B.shape == (12, 6) and torch.count_nonzero(layer.lora_B) == 0
+    assert layer.magnitude.shape == (12,)
+    assert layer.scaling == 2.0
+    assert FusedDoraLinear(20, 12, r=16, lora_alpha=8, use_rslora=True).scaling == 8 / math.sqrt(16)
+    assert FusedDoraLinear(20, 12, bias=False).bias is None
+    half = FusedDoraLinear(20, 12, dtype=torch.float16)
+    assert half.weight.dtype == torch.float16 and half.lora_A.dtype == torch.float32  # as PEFT
+    assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["lora_A", "lora_B", "magnitude"]
+
+
+def test_from_linear_shares_and_freezes():
+    base = nn.Linear(16, 8, dtype=torch.float16, device=DEVICE)
+    layer = FusedDoraLinear.from_linear(base, r=2, lora_alpha=4, lora_dropout=0.05)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_A.device == base.weight.device
+    assert layer.lora_dropout == 0.05 and layer.scaling == 2.0
+    assert "r=2" in repr(layer)
+
+
+def test_module_matches_functional_reference_train_and_eval():
+    torch.manual_seed(1)
+    layer = FusedDoraLinear(24, 18, r=5, lora_alpha=10, device=DEVICE)
+    _randomise_adapter(layer)
+    x = torch.randn(3, 7, 24, device=DEVICE, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+        leaves = [p.detach().double().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.magnitude)]
+        y_ref = fused_dora.reference.dora_linear(x.detach().double(), layer.weight.double(), layer.bias.double(),
+                                                 *leaves, layer.scaling)
+        y_ref.square().sum().backward()
+        assert rel_err(y, y_ref) < 1e-5
+        for g, leaf in zip(grads, leaves):
+            assert rel_err(g, leaf.grad) < 1e-5
+
+
+def test_norm_cache_follows_version_counters(monkeypatch):
+    calls = []
+    real = module_mod.dora_weight_norm
+    monkeypatch.setattr(module_mod, "dora_weight_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
+    _randomise_adapter(layer)
+    x = torch.randn(4, 16, device=DEVICE)
+    calls.clear()
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B, layer.magnitude], lr=0.1)
+    for _ in range(3):  # gradient-accumulation micro-steps reuse the norm
+        layer(x).sum().backward()
+    assert len(calls) == 1
+    opt.step()  # in-place update bumps the version counters
+    y_new = layer(x)
+    assert len(calls) == 2
+    with torch.no_grad():
+        expect = fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                  layer.magnitude, layer.scaling)
+    assert rel_err(y_new, expect) < 1e-5
+    layer.eval()
+    with torch.no_grad():
+        layer(x), layer(x)
+    assert len(calls) == 2
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_B"].mul_(2)
+    layer.load_state_dict(state)  # copy_ into the parameters: versions change
+    with torch.no_grad():
+        y_loaded = layer(x)
+    assert len(calls) == 3
+    with torch.no_grad():
+        expect = fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                  layer.magnitude, layer.scaling)
+    assert rel_err(y_loaded, expect) < 1e-5
+    layer.scaling = 3.0  # scaling is part of the key too
+    layer(x)
+    assert len(calls) == 4
+    layer.double().float()  # .to() & co. drop the cache
+    layer(x)
+    assert len(calls) == 5
+
+
+def test_clear_norm_cache_after_data_writes():
+    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
+    x = torch.randn(4, 16, device=DEVICE)
+    layer(x)
+    layer.lora_B.data.normal_()  # bypasses version counters: documented, needs clear_norm_cache()
+    layer.clear_norm_cache()
+    with torch.no_grad():
+        expect = fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                  layer.magnitude, layer.scaling)
+    assert rel_err(layer(x), expect) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_merge_and_unmerge(dtype):
+    torch.manual_seed(2)
+    layer = FusedDoraLinear(32, 20, r=4, lora_alpha=8, dtype=dtype, device=DEVICE).eval()
+    _randomise_adapter(layer)
+    with torch.no_grad():
+        layer.weight[3] = 0  # a zero row ...
+        layer.lora_B[3] = 0
+        layer.magnitude[5] = 0  # ... and a row whose scale is 0: unmerge must restore both
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(6, 32, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        assert layer.merged
+        y_merged = layer(x)
+        layer.unmerge()
+        y_back = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert rel_err(y_merged, y) < tol
+    assert rel_err(y_back, y) < tol
+    assert rel_err(layer.weight, w0) < tol
+    assert torch.equal(layer.weight[5], w0[5]) and torch.equal(layer.weight[3], w0[3])
+
+
+def test_unmerge_refuses_after_adapter_change():
+    layer = FusedDoraLinear(8, 6, r=2)
+    _randomise_adapter(layer)
+    layer.merge()
+    with torch.no_grad():
+        layer.lora_B.add_(1)
+    with pytest.raises(RuntimeError, match="changed since merge"):
+        layer.unmerge()
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(3)
+    layer = FusedDoraLinear(32, 16, r=4, lora_dropout=0.5, device=DEVICE)
+    _randomise_adapter(layer)
+    x = torch.randn(8, 32, device=DEVICE)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
