@@ -152,8 +152,70 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
     """
     with torch.no_grad():
         if resolve_backend(backend, weight, lora_A, lora_B) == "triton":
+            if torch.compiler.is_compiling():
+                from . import ops
+
+                return ops.row_norm(weight, lora_A, lora_B, float(scaling))
             return _kernels().dora_row_norm(weight, lora_A, lora_B, float(scaling))
         return reference.weight_norm(weight, lora_A, lora_B, float(scaling)).float()
+
+
+def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre):
+    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r] fp32, ypre [M, N] or None, scale [N] fp32).
+
+    u, ypre and scale = magnitude / norm are what the backward needs; ypre only with
+    ``store_ypre`` (for the magnitude gradient).
+    """
+    k = _kernels()
+    scale = magnitude_scale(magnitude, norm.float())
+    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
+    if M == 0:
+        u = torch.empty((0, R), dtype=torch.float32, device=x.device)
+        return x.new_empty((0, N)), u, (x.new_empty((0, N)) if store_ypre else None), scale
+    u = k.lora_down(x, lora_A, dropout_p, seed)
+    y, ypre = k.dora_forward(x, weight, u, lora_B, scale, bias, scaling, store_ypre=store_ypre)
+    return y, u, ypre, scale
+
+
+def fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+                   need_dx, need_da, need_db, need_dmag):
+    """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
+
+    dy [M, N]; x [M, K] (for dA); u [M, r] fp32 (for dB); ypre [M, N] (for dmagnitude);
+    scale [N] and norm [N] fp32 (the forward's). Gradients come in their parameters' dtypes.
+    """
+    k = _kernels()
+    M, N = dy.shape
+    dx = da = dbb = dmag = None
+    if M == 0:
+        dx = dy.new_empty((0, weight.shape[1])) if need_dx else None
+        da = torch.zeros_like(lora_A) if need_da else None
+        dbb = torch.zeros_like(lora_B) if need_db else None
+        dmag = torch.zeros(N, dtype=magnitude_dtype, device=dy.device) if need_dmag else None
+        return dx, da, dbb, dmag
+    if need_dx or need_da:
+        v = k.lora_up_grad(dy, scale, lora_B)
+        if need_dx:
+            dx = k.dora_input_grad(dy, scale, weight, v, lora_A, scaling, dropout_p, seed)
+        if need_da:
+            da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
+    if need_dmag or need_db:
+        dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_db, adapter_dtype=lora_B.dtype)
+        if need_dmag:
+            dmag = (dmag_raw / norm.float().clamp_min(NORM_EPS)).to(magnitude_dtype)
+        if need_db:
+            dbb = ((scaling * scale)[:, None] * db_raw).to(lora_B.dtype)
+    return dx, da, dbb, dmag
+
+
+def frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias):
+    """Gradients of the frozen weight [N, K] and bias [N], for callers who train them anyway.
+
+    Plain PyTorch (not fused), norm detached like everywhere else: dW = (dy * c).T @ x.
+    """
+    dw = ((dy.float() * scale).T @ x.float()).to(weight.dtype) if need_dw else None
+    dbias = dy.float().sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
+    return dw, dbias
 
 
 class FusedDoraFunction(torch.autograd.Function):
@@ -166,58 +228,22 @@ class FusedDoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
-        k = _kernels()
-        need_dx, need_dw, need_db, need_da, need_dbb, need_dmag = ctx.needs_input_grad[:6]
-        scale = magnitude_scale(magnitude, norm.float())
-        M, N = x.shape[0], weight.shape[0]
-        if M == 0:
-            y, ypre = x.new_empty((0, N)), x.new_empty((0, N))
-            u = torch.empty((0, lora_A.shape[0]), dtype=torch.float32, device=x.device)
-        else:
-            u = k.lora_down(x, lora_A, dropout_p, seed)
-            y, ypre = k.dora_forward(x, weight, u, lora_B, scale, bias, scaling, store_ypre=need_dmag)
-        ctx.save_for_backward(
-            x if (need_da or need_dw) else None, weight, lora_A, lora_B,
-            u if need_dbb else None, ypre if need_dmag else None, scale, norm,
-        )
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        ctx.has_bias = bias is not None
-        ctx.dtypes = (lora_A.dtype, lora_B.dtype, magnitude.dtype, bias.dtype if bias is not None else None)
+        need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
+        y, u, ypre, scale = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                                          store_ypre=need_dmag)
+        ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B,
+                              u if need_db else None, ypre, scale, norm)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.magnitude_dtype = scaling, dropout_p, seed, magnitude.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        k = _kernels()
-        x, weight, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_da, need_dbb, need_dmag = ctx.needs_input_grad[:6]
-        s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
-        a_dtype, b_dtype, mag_dtype, bias_dtype = ctx.dtypes
-        M, N = dy.shape
-        K = weight.shape[1]
-        dx = dw = db = da = dbb = dmag = None
-        if M == 0:
-            dx = dy.new_empty((0, K)) if need_dx else None
-            da = torch.zeros_like(lora_A) if need_da else None
-            dbb = torch.zeros_like(lora_B) if need_dbb else None
-            dmag = torch.zeros(N, dtype=mag_dtype, device=dy.device) if need_dmag else None
-        else:
-            if need_dx or need_da:
-                v = k.lora_up_grad(dy, scale, lora_B)
-                if need_dx:
-                    dx = k.dora_input_grad(dy, scale, weight, v, lora_A, s, p, seed)
-                if need_da:
-                    da = (s * k.lora_A_grad(v, x, p, seed, adapter_dtype=a_dtype)).to(a_dtype)
-            if need_dmag or need_dbb:
-                dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_dbb, adapter_dtype=b_dtype)
-                if need_dmag:
-                    dmag = (dmag_raw / norm.float().clamp_min(NORM_EPS)).to(mag_dtype)
-                if need_dbb:
-                    dbb = ((s * scale)[:, None] * db_raw).to(b_dtype)
-        if need_dw:  # W is frozen in DoRA; a plain (unfused) gradient for callers who train it
-            dw = ((dy.float() * scale).T @ x.float()).to(weight.dtype)
-        if need_db and ctx.has_bias:
-            db = dy.float().sum(0).to(bias_dtype)
-        return dx, dw, db, da, dbb, dmag, None, None, None, None
+        x, weight, bias, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
+        need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
+        dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, ctx.magnitude_dtype,
+                                          ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db, need_dmag)
+        dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
+        return dx, dw, dbias, da, db, dmag, None, None, None, None
 
 
 def dora_linear(
@@ -262,9 +288,19 @@ def dora_linear(
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude)
     if use == "reference":
         return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training=p > 0, norm=norm)
+    K, N = weight.shape[1], weight.shape[0]
+    x2d = x.reshape(-1, K)
+    if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around
+        from . import ops
+
+        norm = ops.row_norm(weight, lora_A, lora_B, scaling) if norm is None else norm.detach()
+        y = ops.dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p)
+        return y.reshape(*x.shape[:-1], N)
     if norm is None:
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend="triton")
-    K, N = weight.shape[1], weight.shape[0]
     seed = draw_dropout_seed() if p > 0 else 0
-    y = FusedDoraFunction.apply(x.reshape(-1, K), weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)):
+        y = FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed)
+    else:  # inference: no autograd bookkeeping, nothing saved
+        y = fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_ypre=False)[0]
     return y.reshape(*x.shape[:-1], N)

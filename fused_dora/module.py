@@ -150,6 +150,8 @@ class FusedDoraLinear(nn.Module):
 
     def weight_norm(self) -> torch.Tensor:
         """n [out] fp32, detached: ||weight + scaling * lora_B @ lora_A|| per row, cached."""
+        if torch.compiler.is_compiling():  # no storage pointers to key on while tracing: compute in-graph
+            return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
         key = (_stamp(self.weight), _stamp(self.lora_A), _stamp(self.lora_B), self.scaling)
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]

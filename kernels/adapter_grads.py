@@ -58,15 +58,18 @@ def _magnitude_and_B_grad_kernel(
         row_ok = rows < m_end
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-        if COMPUTE_MAG and mag_here:
-            ypre = tl.load(ypre_ptr + rows[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-            dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
+        if COMPUTE_MAG:
+            if mag_here:
+                ypre = tl.load(ypre_ptr + rows[:, None] * N + outs[None, :],
+                               mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+                dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
         if COMPUTE_B:
             u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             db = tl.dot(tl.trans(dy.to(dtype)), u.to(dtype), db, input_precision=PRECISION)
     split = tl.program_id(2)
-    if COMPUTE_MAG and mag_here:
-        tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
+    if COMPUTE_MAG:
+        if mag_here:
+            tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
     if COMPUTE_B:
         tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
 

@@ -1,0 +1,97 @@
+"""The fused op registered with torch.library, for torch.compile (fullgraph, no graph breaks).
+
+Eager calls go through ``FusedDoraFunction`` (less dispatch overhead); under torch.compile
+``dora_linear`` routes here: the kernels are opaque custom ops with fake (meta) implementations
+and a registered autograd formula, so Dynamo and AOTAutograd trace around them.
+The dropout seed is a 1-element int64 CPU tensor here (drawn inside the graph), not a Python int.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .functional import fused_backward, fused_forward, frozen_grads
+
+
+@torch.library.custom_op("fused_dora::row_norm", mutates_args=())
+def row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """n [N] fp32: row norms of weight + scaling * lora_B @ lora_A (Triton kernel)."""
+    from . import kernels
+
+    return kernels.dora_row_norm(weight, lora_A, lora_B, scaling)
+
+
+@row_norm.register_fake
+def _(weight, lora_A, lora_B, scaling):
+    return weight.new_empty((weight.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fused_dora::dora_fwd", mutates_args=())
+def dora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
+             norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_ypre: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y [M, N], u [M, r] fp32, ypre [M, N] or [0], scale [N] fp32) for 2-D x [M, K]."""
+    y, u, ypre, scale = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
+                                      int(seed.item()), store_ypre)
+    return y, u, (ypre if ypre is not None else x.new_empty((0,))), scale
+
+
+@dora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre):
+    M, N = x.shape[0], weight.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((M, N) if store_ypre else (0,)), x.new_empty((N,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fused_dora::dora_bwd", mutates_args=())
+def dora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, u: Tensor,
+             ypre: Tensor, scale: Tensor, norm: Tensor, scaling: float, dropout_p: float, seed: Tensor,
+             need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed."""
+    grads = fused_backward(dy.contiguous(), x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude.dtype, scaling,
+                           dropout_p, int(seed.item()), need_dx, need_da, need_db, need_dmag)
+    return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
+
+
+@dora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_B, magnitude, u, ypre, scale, norm, scaling, dropout_p, seed,
+      need_dx, need_da, need_db, need_dmag):
+    empty = dy.new_empty((0,))
+    return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else empty,
+            torch.empty_like(lora_A) if need_da else empty,
+            torch.empty_like(lora_B) if need_db else empty,
+            torch.empty_like(magnitude) if need_dmag else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre = inputs
+    y, u, ypre, scale = output
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, u, ypre, scale, norm, seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.mark_non_differentiable(u, ypre, scale)
+
+
+def _backward(ctx, dy, _du, _dypre, _dscale):
+    x, weight, bias, lora_A, lora_B, magnitude, u, ypre, scale, norm, seed = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
+    if need_dmag and ypre.numel() != dy.numel():
+        raise RuntimeError("fused_dora::dora_fwd was called with store_ypre=False, so it cannot give the "
+                           "magnitude gradient; pass store_ypre=True when magnitude requires grad")
+    dx, da, db, dmag = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, u, ypre, scale, norm, ctx.scaling,
+                                ctx.dropout_p, seed, need_dx, need_da, need_db, need_dmag)
+    dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
+    return (dx if need_dx else None, dw, dbias, da if need_da else None, db if need_db else None,
+            dmag if need_dmag else None, None, None, None, None, None)
+
+
+dora_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p):
+    """y [M, N] through the registered ops; draws the dropout seed inside the traced graph."""
+    if dropout_p > 0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    else:
+        seed = torch.zeros((1,), dtype=torch.int64)
+    store_ypre = torch.is_grad_enabled() and magnitude.requires_grad
+    return dora_fwd(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre)[0]
