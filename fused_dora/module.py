@@ -17,7 +17,9 @@ def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _stamp(t: torch.Tensor):
-    """What identifies a tensor's current contents without reading them."""
+    """What identifies a tensor's current contents without reading them (None: untrackable)."""
+    if t.is_inference():  # inference tensors have no version counter
+        return None
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
@@ -156,7 +158,7 @@ class FusedDoraLinear(nn.Module):
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
         norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
-        self._norm_cache = (key, norm)
+        self._norm_cache = None if None in key else (key, norm)
         return norm
 
     def _apply(self, fn, *args, **kwargs):

@@ -169,3 +169,15 @@ def test_dropout_only_in_training():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+def test_layer_built_in_inference_mode_computes_norm_each_call():
+    with torch.inference_mode():
+        layer = FusedDoraLinear(16, 8, r=2, device=DEVICE)
+        x = torch.randn(3, 16, device=DEVICE)
+        y1 = layer(x)
+        layer.lora_B.add_(0.5)  # no version counter to notice this: the norm must not be cached
+        y2 = layer(x)
+        expect = fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                                  layer.magnitude, layer.scaling)
+    assert rel_err(y2, expect) < 1e-5 and not torch.equal(y1, y2)
