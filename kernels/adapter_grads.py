@@ -54,7 +54,7 @@ def _magnitude_and_B_grad_kernel(
     dmag = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * row stride may pass 2**31
         row_ok = rows < m_end
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
@@ -123,7 +123,7 @@ def _lora_A_grad_kernel(
 
     da = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * row stride may pass 2**31
         row_ok = rows < m_end
         v_t = tl.load(v_ptr + ranks[:, None] + rows[None, :] * R, mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,

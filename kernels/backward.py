@@ -40,7 +40,7 @@ def _lora_up_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < R
@@ -95,7 +95,7 @@ def _dora_input_grad_kernel(
     # output tile dx[rows, cols] of BLOCK_M x BLOCK_K; the reduction runs over the N output
     # features of the layer in steps of BLOCK_N
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < K

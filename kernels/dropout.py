@@ -19,7 +19,7 @@ def dropout_keep(seed, rows, cols, n_cols, p):
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = dropout_keep(seed, rows, cols, K, p)
     inside = (rows[:, None] < M) & (cols[None, :] < K)

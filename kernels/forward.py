@@ -33,7 +33,7 @@ def _lora_down_kernel(
     dtype = x_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
         dtype = tl.float32
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < R
@@ -110,7 +110,7 @@ def _dora_forward_kernel(
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     out_ok = outs < N
