@@ -108,6 +108,8 @@ class FusedDoraLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
         self.clear_norm_cache()
+        if self.weight.is_meta:  # nothing to compute yet (from_linear builds on the meta device)
+            return
         with torch.no_grad():
             self.magnitude.copy_(self.weight_norm())
 

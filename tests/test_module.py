@@ -42,6 +42,14 @@ def test_parameters_shapes_and_init():
     assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["lora_A", "lora_B", "magnitude"]
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
+def test_from_linear_any_backend(backend):
+    base = nn.Linear(16, 8, device=DEVICE)
+    layer = FusedDoraLinear.from_linear(base, r=2, backend=backend)
+    x = torch.randn(3, 16, device=DEVICE)
+    assert layer.backend == backend and rel_err(layer(x), base(x)) < 1e-6
+
+
 def test_from_linear_shares_and_freezes():
     base = nn.Linear(16, 8, dtype=torch.float16, device=DEVICE)
     layer = FusedDoraLinear.from_linear(base, r=2, lora_alpha=4, lora_dropout=0.05)
