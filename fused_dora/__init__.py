@@ -5,10 +5,16 @@ Public API:
     dora_linear          the functional op (Triton kernels or the PyTorch reference)
     dora_weight_norm     row norms of W + s * B @ A without a dense temporary
     reference            the pure-PyTorch statement of the math
+    replace_linear       swap targeted nn.Linear modules of any model for FusedDoraLinear
+    save_adapter / load_adapter   PEFT-compatible adapter files for replace_linear models
+
+PEFT models: fused_dora.integrations.peft.enable_fused_dora(model) (needs the `peft` extra).
 """
 from . import reference
 from .functional import dora_linear, dora_weight_norm
 from .module import FusedDoraLinear
+from .replace import load_adapter, replace_linear, save_adapter
 
 __version__ = "0.1.0"
-__all__ = ["FusedDoraLinear", "dora_linear", "dora_weight_norm", "reference", "__version__"]
+__all__ = ["FusedDoraLinear", "dora_linear", "dora_weight_norm", "reference", "replace_linear", "save_adapter",
+           "load_adapter", "__version__"]

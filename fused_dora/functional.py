@@ -221,29 +221,33 @@ def frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias):
 class FusedDoraFunction(torch.autograd.Function):
     """Fused DoRA on 2-D inputs with the norm given (constant). See the module docstring.
 
-    forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32, scaling, dropout_p, seed)
+    forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32, scaling, dropout_p, seed,
+            out_shape) -> y of out_shape ([..., N])
     Gradients: x, lora_A, lora_B, magnitude by the fused kernels; weight and bias (frozen in
     DoRA) get correct gradients computed with plain PyTorch matmuls if they require grad.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape):
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         y, u, ypre, scale = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
                                           store_ypre=need_dmag)
         ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B,
                               u if need_db else None, ypre, scale, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.magnitude_dtype = scaling, dropout_p, seed, magnitude.dtype
-        return y
+        # shaped here, so the caller gets the Function's own output rather than a view of it
+        # (FSDP2 hooks warn about modules that return views)
+        return y.view(out_shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, ctx.magnitude_dtype,
                                           ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db, need_dmag)
         dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
-        return dx, dw, dbias, da, db, dmag, None, None, None, None
+        return dx, dw, dbias, da, db, dmag, None, None, None, None, None
 
 
 def dora_linear(
@@ -300,7 +304,9 @@ def dora_linear(
         norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend="triton")
     seed = draw_dropout_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)):
-        y = FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed)
+        out_shape = x.shape[:-1] + (N,)
+        return FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed,
+                                       out_shape)
     else:  # inference: no autograd bookkeeping, nothing saved
         y = fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_ypre=False)[0]
     return y.reshape(*x.shape[:-1], N)

@@ -16,7 +16,7 @@ def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _stamp(t: torch.Tensor):
+def version_stamp(t: torch.Tensor):
     """What identifies a tensor's current contents without reading them (None: untrackable)."""
     if t.is_inference():  # inference tensors have no version counter
         return None
@@ -140,6 +140,7 @@ class FusedDoraLinear(nn.Module):
         for name in ("lora_A", "lora_B", "magnitude"):
             meta = getattr(layer, name)
             setattr(layer, name, nn.Parameter(torch.empty(meta.shape, device=w.device, dtype=meta.dtype)))
+        layer.train(linear.training)
         layer.reset_adapter()
         return layer
 
@@ -156,7 +157,7 @@ class FusedDoraLinear(nn.Module):
         """n [out] fp32, detached: ||weight + scaling * lora_B @ lora_A|| per row, cached."""
         if torch.compiler.is_compiling():  # no storage pointers to key on while tracing: compute in-graph
             return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
-        key = (_stamp(self.weight), _stamp(self.lora_A), _stamp(self.lora_B), self.scaling)
+        key = (version_stamp(self.weight), version_stamp(self.lora_A), version_stamp(self.lora_B), self.scaling)
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
         norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
@@ -177,6 +178,9 @@ class FusedDoraLinear(nn.Module):
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
         )
 
+    def _adapter_stamp(self):
+        return tuple(version_stamp(p) for p in (self.lora_A, self.lora_B, self.magnitude)) + (self.scaling,)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into weight: W <- c * (W + s * B @ A) (fp32, then weight's dtype).
@@ -193,7 +197,7 @@ class FusedDoraLinear(nn.Module):
         lost = (scale == 0).nonzero().flatten()
         self._merge_state = {
             "scale": scale, "lost_rows": lost, "lost_values": w[lost].clone(),
-            "adapters": (_stamp(self.lora_A), _stamp(self.lora_B), _stamp(self.magnitude), self.scaling),
+            "adapters": self._adapter_stamp(),
         }
         w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
         self.merged = True
@@ -205,7 +209,7 @@ class FusedDoraLinear(nn.Module):
             warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done")
             return
         st = self._merge_state
-        if st["adapters"] != (_stamp(self.lora_A), _stamp(self.lora_B), _stamp(self.magnitude), self.scaling):
+        if st["adapters"] != self._adapter_stamp():
             raise RuntimeError("unmerge(): lora_A, lora_B, magnitude or scaling changed since merge(); "
                                "the base weight cannot be recovered from the merged one")
         w = self.weight

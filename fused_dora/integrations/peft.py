@@ -1,0 +1,268 @@
+"""Serve Hugging Face PEFT's DoRA ``lora.Linear`` layers with the fused kernels, in place.
+
+    enable_fused_dora(model)    switch every PEFT DoRA lora.Linear of ``model`` to the fused op
+    disable_fused_dora(model)   back to PEFT's own forward
+    fused_dora_status(model)    {layer name: "fused" or why PEFT's path runs}
+
+Only the forward of each switched layer changes (an instance attribute ``forward`` is set);
+PEFT's module tree, parameter names, state_dict, save_pretrained, merge / unmerge /
+merge_and_unload, set_adapter, disable_adapter and add_adapter are untouched and keep working.
+Each call re-checks the layer's state and takes PEFT's own path whenever the fused op would not
+compute what PEFT computes (see :func:`enable_fused_dora`).
+"""
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..functional import BACKENDS, dora_linear, dora_weight_norm
+from ..module import version_stamp as _stamp
+
+DROPOUT_SEMANTICS = ("fused", "peft")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class FusedDoraWarning(UserWarning):
+    """Raised by enable_fused_dora for DoRA layers that run on PEFT's own path."""
+
+
+@functools.lru_cache(maxsize=None)
+def _peft_classes():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+        from peft.tuners.lora.dora import DoraLinearLayer
+    except ImportError as exc:
+        raise ImportError("fused_dora.integrations.peft needs peft: pip install 'fused_dora[peft]'") from exc
+    try:
+        from peft.tuners.lora.variants import DoraLinearVariant
+    except ImportError:  # PEFT before LoRA variants (< 0.15) dispatched DoRA on use_dora alone
+        DoraLinearVariant = None
+    return lora_layer, DoraLinearLayer, DoraLinearVariant
+
+
+def _is_dora_layer(module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer holding at least one DoRA adapter."""
+    return hasattr(module, "lora_magnitude_vector") and any(getattr(module, "use_dora", {}).values())
+
+
+def _structural_reason(module) -> Optional[str]:
+    """None if the fused forward can be installed on this DoRA layer, else why not."""
+    lora_layer, _, _ = _peft_classes()
+    if not isinstance(module, lora_layer.Linear):
+        return f"{type(module).__name__} layers are not served (only lora.Linear over nn.Linear)"
+    if type(module).forward is not lora_layer.Linear.forward:
+        return f"{type(module).__name__} overrides lora.Linear.forward"
+    if module.fan_in_fan_out:
+        return "fan_in_fan_out=True"
+    base = module.get_base_layer()
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return f"base layer is a {type(base).__name__}, not a plain nn.Linear (e.g. quantized)"
+    return None
+
+
+def _active_adapter_or_reason(layer, dropout_semantics: str):
+    """(adapter name, None) if the layer's current state can be served, else (None, reason)."""
+    _, DoraLinearLayer, DoraLinearVariant = _peft_classes()
+    if layer.disable_adapters:
+        return None, "adapters are disabled"
+    if layer.merged:
+        return None, "adapters are merged into the base weight"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters on this layer (the fused op serves exactly one)"
+    a = active[0]
+    if not layer.use_dora.get(a, False) or a not in layer.lora_magnitude_vector:
+        return None, f"adapter {a!r} is not DoRA"
+    variant = getattr(layer, "lora_variant", {}).get(a)
+    if DoraLinearVariant is not None and type(variant) is not DoraLinearVariant:
+        return None, f"adapter {a!r} uses the LoRA variant {type(variant).__name__}"
+    dora = layer.lora_magnitude_vector[a]
+    if type(dora) is not DoraLinearLayer or dora.fan_in_fan_out:
+        return None, f"adapter {a!r} has a {type(dora).__name__} magnitude module"
+    if getattr(layer, "lora_bias", {}).get(a, False) or layer.lora_B[a].bias is not None:
+        return None, f"adapter {a!r} has lora_bias=True"
+    dropout = layer.lora_dropout[a]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)) or type(dropout).forward not in (
+            nn.Dropout.forward, nn.Identity.forward):
+        return None, f"adapter {a!r} has a {type(dropout).__name__} dropout"
+    if dropout_semantics == "peft" and isinstance(dropout, nn.Dropout) and dropout.p > 0 and layer.training \
+            and dropout.training:
+        return None, "dropout is active in training and dropout_semantics='peft'"
+    return a, None
+
+
+def _plain(t) -> bool:
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _input_reason(x, weight, bias, tensors, compute_dtype, autocast: bool) -> Optional[str]:
+    """Why these call arguments cannot go to the fused op (None if they can)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        return f"input is {type(x).__name__} {getattr(x, 'dtype', '')}"
+    if not all(_plain(t) for t in (x, weight, bias) + tensors):
+        return "a tensor subclass (e.g. DTensor, quantized weight) is involved"
+    if any(t.device != x.device for t in (weight,) + tensors + ((bias,) if bias is not None else ())):
+        return "adapter and base tensors are not all on the input's device"
+    if not autocast and weight.dtype != x.dtype:
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
+    lora_A, lora_B, magnitude = tensors
+    allowed = (compute_dtype, torch.float32, torch.float64)
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in allowed or magnitude.dtype not in _FLOAT_DTYPES:
+        return f"adapter dtypes {lora_A.dtype}/{lora_B.dtype} do not suit input dtype {compute_dtype}"
+    if bias is not None and bias.dtype not in allowed:
+        return f"bias dtype {bias.dtype} does not suit input dtype {compute_dtype}"
+    return None
+
+
+class _FusedForward:
+    """The ``forward`` installed on one PEFT lora.Linear: the fused op when it applies, else PEFT's.
+
+    Holds the norm cache, keyed on the adapter, the version counters / storage of weight,
+    lora_A and lora_B, and the scaling (as FusedDoraLinear does; writes through ``.data`` bypass
+    version counters, so after those call disable_fused_dora / enable_fused_dora again).
+    """
+
+    def __init__(self, layer, dropout_semantics: str, backend: str, previous=None):
+        self.layer, self.dropout_semantics, self.backend = layer, dropout_semantics, backend
+        self.previous = previous  # an instance-level forward that was there before, if any
+        self.last_input_reason = None  # why the last call's arguments went to PEFT's path
+        self._norm_cache = None
+
+    def peft_forward(self, x, *args, **kwargs):
+        if self.previous is not None:
+            return self.previous(x, *args, **kwargs)
+        return type(self.layer).forward(self.layer, x, *args, **kwargs)
+
+    def _norm(self, adapter, weight, lora_A, lora_B, scaling):
+        key = (adapter, _stamp(weight), _stamp(lora_A), _stamp(lora_B), scaling)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend))
+        return self._norm_cache[1]
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.layer
+        adapter, reason = _active_adapter_or_reason(layer, self.dropout_semantics)
+        if reason is not None:
+            return self.peft_forward(x, *args, **kwargs)
+        if args or any(v is not None for v in kwargs.values()):
+            reason = "extra forward arguments (e.g. adapter_names for mixed batches)"
+        else:
+            base = layer.get_base_layer()
+            weight, bias = base.weight, base.bias
+            lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            magnitude = layer.lora_magnitude_vector[adapter].weight
+            autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+            compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else getattr(x, "dtype", None)
+            reason = _input_reason(x, weight, bias, (lora_A, lora_B, magnitude), compute_dtype, autocast)
+        self.last_input_reason = reason
+        if reason is not None:
+            return self.peft_forward(x, *args, **kwargs)
+
+        scaling = layer.scaling[adapter]
+        dropout = layer.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        training = layer.training and dropout.training
+        norm = self._norm(adapter, weight, lora_A, lora_B, scaling)
+        # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm)
+
+
+def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, backend: str = "auto",
+                      warn: bool = True) -> int:
+    """Serve every PEFT DoRA ``lora.Linear`` in ``model`` (a PeftModel or any module tree) with
+    :func:`fused_dora.dora_linear`, in place. Returns the number of layers switched (layers
+    already switched are updated with the new options and counted).
+
+    For a switched layer, each forward of x [..., in_features] -> [..., out_features] computes
+    ``base_layer(x) + DoRA`` in one fused call when the layer has exactly one active adapter
+    which is DoRA (no lora_bias), adapters are neither disabled nor merged, no extra forward
+    arguments are passed (e.g. ``adapter_names``), and the input, base weight and adapters are
+    plain tensors on one device with compatible dtypes (under autocast, x, weight and bias are
+    cast to the autocast dtype, as F.linear would). Otherwise that call runs PEFT's own forward,
+    so results are never silently different; :func:`fused_dora_status` tells which path each
+    layer takes and why.
+
+    Layers that cannot be switched keep PEFT's forward and are listed with the reason in a
+    :class:`FusedDoraWarning` (``warn=False`` silences it): DoRA on Conv / Embedding layers,
+    quantized or otherwise non-``nn.Linear`` base layers, ``fan_in_fan_out=True``, subclasses
+    that override the forward. Switched layers whose current state falls back are listed too.
+
+    ``dropout_semantics`` matters only in training with ``lora_dropout > 0``:
+
+    - ``"fused"`` (default): y = c * (x @ W.T + s * B(A(dropout(x)))) + b, one base matmul
+      (DESIGN.md section 1; the DoRA paper's formula with dropout on the adapter input).
+    - ``"peft"``: exactly PEFT's form, y = x @ W.T + b + (c - 1) * dropout(x) @ W.T
+      + c * s * B(A(dropout(x))), by running PEFT's own forward for those calls.
+
+    Without active dropout (p = 0, or eval mode) both are the same function. ``backend`` is
+    passed to :func:`fused_dora.dora_linear` ("auto", "triton" or "reference").
+    """
+    if dropout_semantics not in DROPOUT_SEMANTICS:
+        raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _peft_classes()
+    switched, skipped = 0, {}
+    for name, module in model.named_modules():
+        if not _is_dora_layer(module):
+            continue
+        reason = _structural_reason(module)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        current = module.__dict__.get("forward")
+        previous = current.previous if isinstance(current, _FusedForward) else current
+        module.forward = _FusedForward(module, dropout_semantics, backend, previous)
+        switched += 1
+        _, reason = _active_adapter_or_reason(module, dropout_semantics)
+        if reason is not None:
+            skipped[name] = f"switched, but PEFT's path runs for now: {reason}"
+    if warn and skipped:
+        lines = "\n".join(f"  {n or '<root>'}: {why}" for n, why in skipped.items())
+        warnings.warn(f"enable_fused_dora: {len(skipped)} DoRA layer(s) use PEFT's own forward:\n{lines}",
+                      FusedDoraWarning, stacklevel=2)
+    if warn and switched == 0 and not skipped:
+        warnings.warn("enable_fused_dora: model has no PEFT DoRA layers (LoraConfig(use_dora=True))",
+                      FusedDoraWarning, stacklevel=2)
+    return switched
+
+
+def disable_fused_dora(model: nn.Module) -> int:
+    """Undo :func:`enable_fused_dora` on ``model``: PEFT's own forward everywhere again.
+
+    Returns the number of layers switched back (0 if none were switched).
+    """
+    restored = 0
+    for module in model.modules():
+        current = module.__dict__.get("forward")
+        if isinstance(current, _FusedForward):
+            if current.previous is not None:
+                module.forward = current.previous
+            else:
+                del module.forward
+            restored += 1
+    return restored
+
+
+def fused_dora_status(model: nn.Module) -> dict:
+    """{name: "fused" | reason} for every PEFT DoRA layer in ``model``.
+
+    The reason is the one that holds now (not switched, adapters disabled or merged, several
+    active adapters, ...); for conditions that depend on the call's input (dtype, device) it is
+    the one seen by the layer's last forward.
+    """
+    status = {}
+    for name, module in model.named_modules():
+        if not _is_dora_layer(module):
+            continue
+        fwd = module.__dict__.get("forward")
+        if not isinstance(fwd, _FusedForward):
+            status[name] = "not switched: " + (_structural_reason(module) or "enable_fused_dora was not called")
+            continue
+        _, reason = _active_adapter_or_reason(module, fwd.dropout_semantics)
+        status[name] = reason or fwd.last_input_reason or "fused"
+    return status
