@@ -31,6 +31,15 @@ _ROWPASS_GPU_CONFIGS = [
 _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
+@triton.jit
+def load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn):
+    """fp32 tile e = dy[rows, outs] * scale[outs]: the column scale c applied as dy is loaded."""
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+                 mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
+    return dy.to(tl.float32) * scale[None, :]
+
+
 @triton.autotune(configs=configs(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "R"])
 @triton.jit
 def _lora_up_grad_kernel(
@@ -51,10 +60,7 @@ def _lora_up_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-        scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
-        e = (dy.to(tl.float32) * scale[None, :]).to(dtype)
+        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
         b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = tl.dot(e, b.to(dtype), acc, input_precision=PRECISION)
@@ -105,10 +111,7 @@ def _dora_input_grad_kernel(
     for n0 in range(0, N, BLOCK_N):  # base term: (dy * c) @ W, c applied as dy is loaded
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-        scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
-        e = (dy.to(tl.float32) * scale[None, :]).to(dtype)
+        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
         w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=out_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(e, w, acc, input_precision=PRECISION)

@@ -68,3 +68,27 @@ def assert_close(out, grads, ref_out, ref_grads, dtype, what=""):
     errs.update({k: rel_err(grads[k], ref_grads[k]) for k in grads})
     bad = {k: e for k, e in errs.items() if not e <= tol}
     assert not bad, f"{what}: relative errors above {tol}: {bad} (all: {errs})"
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0, device=DEVICE):
+    """A 2-layer transformers Llama with random weights (nothing downloaded), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).to(device).eval()
+
+
+def randomize_adapters(model, seed=1):
+    """lora_B = 0 makes DoRA the identity: give lora_B and the magnitudes random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "magnitude" in name:
+                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g).to(p.device))

@@ -6,13 +6,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from fused_dora import FusedDoraLinear
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from helpers import DEVICE, tiny_llama
+from helpers import rel_err as rel
 
 
 def dora(in_f, out_f, r, seed, dropout=0.3):
@@ -87,14 +82,11 @@ def test_checkpointed_stack_with_dropout(use_reentrant):
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_transformers_gradient_checkpointing(use_reentrant):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from fused_dora.replace import replace_linear
 
     def build():
-        torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-        model = transformers.LlamaForCausalLM(cfg).to(DEVICE)
+        model = tiny_llama(seed=0)
         replace_linear(model, ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, lora_dropout=0.2)
         with torch.no_grad():
             for name, p in model.named_parameters():

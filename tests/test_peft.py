@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 import fused_dora.functional as functional
+from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
+from helpers import rel_err as rel
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -19,31 +21,7 @@ from fused_dora.integrations.peft import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
-
-
-def randomize_adapters(model, seed=1):
-    """lora_B = 0 makes DoRA the identity: give every adapter tensor random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g).to(p.device))
 
 
 def peft_llama(seed=0, **config):

@@ -7,36 +7,16 @@ import torch.nn as nn
 
 from fused_dora import FusedDoraLinear
 from fused_dora.replace import load_adapter, replace_linear, save_adapter
+from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
+from helpers import rel_err as rel
 
 transformers = pytest.importorskip("transformers")
 # peft calls a transformers API that transformers 5.x deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = LLAMA_TARGETS
 BACKEND = "reference"  # the plumbing is under test here; kernel parity is tested elsewhere
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            elif "magnitude" in name:
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g).to(p.device))
 
 
 IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))

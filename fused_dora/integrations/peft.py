@@ -136,10 +136,15 @@ class _FusedForward:
         return type(self.layer).forward(self.layer, x, *args, **kwargs)
 
     def _norm(self, adapter, weight, lora_A, lora_B, scaling):
+        if torch.compiler.is_compiling():  # no storage pointers while tracing: compute in-graph
+            return dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend)
         key = (adapter, _stamp(weight), _stamp(lora_A), _stamp(lora_B), scaling)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            self._norm_cache = (key, dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend))
-        return self._norm_cache[1]
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend)
+        # inference tensors have no version counter (stamp None): never cache those
+        self._norm_cache = None if None in key else (key, norm)
+        return norm
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
