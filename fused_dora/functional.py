@@ -161,20 +161,19 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
 
 
 def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre):
-    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r] fp32, ypre [M, N] or None, scale [N] fp32).
+    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r] fp32, ypre [M, N] or None).
 
-    u, ypre and scale = magnitude / norm are what the backward needs; ypre only with
-    ``store_ypre`` (for the magnitude gradient).
+    Two launches (lora_down, then the GEMM that also forms c = magnitude / norm). u and ypre
+    are what the backward needs; ypre only with ``store_ypre`` (for the magnitude gradient).
     """
     k = _kernels()
-    scale = magnitude_scale(magnitude, norm.float())
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
         u = torch.empty((0, R), dtype=torch.float32, device=x.device)
-        return x.new_empty((0, N)), u, (x.new_empty((0, N)) if store_ypre else None), scale
+        return x.new_empty((0, N)), u, (x.new_empty((0, N)) if store_ypre else None)
     u = k.lora_down(x, lora_A, dropout_p, seed)
-    y, ypre = k.dora_forward(x, weight, u, lora_B, scale, bias, scaling, store_ypre=store_ypre)
-    return y, u, ypre, scale
+    y, ypre = k.dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling, NORM_EPS, store_ypre=store_ypre)
+    return y, u, ypre
 
 
 def fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
@@ -230,8 +229,9 @@ class FusedDoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape):
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
-        y, u, ypre, scale = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-                                          store_ypre=need_dmag)
+        y, u, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                                   store_ypre=need_dmag)
+        scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32 for the backward
         ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B,
                               u if need_db else None, ypre, scale, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.magnitude_dtype = scaling, dropout_p, seed, magnitude.dtype

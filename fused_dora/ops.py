@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .functional import fused_backward, fused_forward, frozen_grads
+from .reference import magnitude_scale
 
 
 @torch.library.custom_op("fused_dora::row_norm", mutates_args=())
@@ -31,9 +32,9 @@ def dora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
              norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_ypre: bool
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y [M, N], u [M, r] fp32, ypre [M, N] or [0], scale [N] fp32) for 2-D x [M, K]."""
-    y, u, ypre, scale = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
-                                      int(seed.item()), store_ypre)
-    return y, u, (ypre if ypre is not None else x.new_empty((0,))), scale
+    y, u, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
+                               int(seed.item()), store_ypre)
+    return y, u, (ypre if ypre is not None else x.new_empty((0,))), magnitude_scale(magnitude, norm.float())
 
 
 @dora_fwd.register_fake

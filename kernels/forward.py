@@ -101,10 +101,10 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 @triton.autotune(configs=configs(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "K", "R", "STORE_YPRE"])
 @triton.jit
 def _dora_forward_kernel(
-    x_ptr, w_ptr, u_ptr, b_ptr, scale_ptr, bias_ptr, y_ptr, ypre_ptr,
+    x_ptr, w_ptr, u_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, ypre_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
-    scaling,
+    scaling, norm_eps,
     HAS_BIAS: tl.constexpr, STORE_YPRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
@@ -137,18 +137,23 @@ def _dora_forward_kernel(
     out_mask = row_ok[:, None] & out_ok[None, :]
     if STORE_YPRE:  # saved for the magnitude gradient
         tl.store(ypre_ptr + out_offsets, acc.to(dtype), mask=out_mask)
-    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
+    # c = g / max(n, eps), correctly rounded like torch's division (reference.magnitude_scale)
+    g = tl.load(mag_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)
+    n = tl.load(norm_ptr + outs, mask=out_ok, other=1.0)
+    scale = tl.math.div_rn(g, tl.maximum(n, norm_eps))
     y = acc * scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + out_offsets, y.to(dtype), mask=out_mask)
 
 
-def dora_forward(x, weight, u, lora_B, scale, bias, scaling: float, store_ypre: bool = False):
-    """y [M, N] (x's dtype) = scale * (x @ weight.T + scaling * u @ lora_B.T) + bias.
+def dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling: float, norm_eps: float,
+                 store_ypre: bool = False):
+    """y [M, N] (x's dtype) = c * (x @ weight.T + scaling * u @ lora_B.T) + bias.
 
     x [M, K] (any strides), weight [N, K] (x's dtype), u [M, r] fp32 contiguous,
-    lora_B [N, r], scale [N] fp32 (magnitude / norm), bias [N] or None.
+    lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
+    c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
     With store_ypre, also returns ypre [M, N] (x's dtype), the pre-scale output, else None.
     """
     M, K = x.shape
@@ -158,10 +163,11 @@ def dora_forward(x, weight, u, lora_B, scale, bias, scaling: float, store_ypre: 
     ypre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_ypre else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _dora_forward_kernel[grid](
-        x, weight, u, lora_B, scale, bias if bias is not None else scale, y, ypre if store_ypre else y,
+        x, weight, u, lora_B, magnitude.contiguous(), norm.float().contiguous(), bias if bias is not None else norm,
+        y, ypre if store_ypre else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling),
+        float(scaling), float(norm_eps),
         HAS_BIAS=bias is not None, STORE_YPRE=store_ypre, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
     )
     return y, ypre
