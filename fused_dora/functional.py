@@ -5,6 +5,7 @@ Math (DESIGN.md section 1), x [M, K], W [N, K], A [r, K], B [N, r], magnitude g 
     n = ||W + s * B @ A||_rows (fp32, detached)     c = g / max(n, NORM_EPS)
     y = c * (x @ W.T + s * dropout(x) @ A.T @ B.T) + bias
 """
+import functools
 import math
 import numbers
 import os
@@ -29,18 +30,23 @@ def _kernels():
 
 def triton_available_for(device: torch.device) -> Optional[str]:
     """None if the Triton kernels can run on tensors of ``device``, else the reason why not."""
-    if device.type == "cuda":
+    return _triton_unavailable_reason(device.type, os.environ.get("TRITON_INTERPRET", "0"))
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_unavailable_reason(device_type: str, interpret_env: str) -> Optional[str]:
+    if device_type == "cuda":
         pass
-    elif device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    elif device_type == "cpu":
+        if interpret_env in ("", "0"):
             return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
     else:
-        return f"Triton kernels do not run on {device.type} tensors"
+        return f"Triton kernels do not run on {device_type} tensors"
     try:
         kernels = _kernels()
     except ImportError as exc:  # e.g. no triton wheel on this platform
         return f"triton cannot be imported ({exc})"
-    if device.type == "cpu" and not kernels.INTERPRET:
+    if device_type == "cpu" and not kernels.INTERPRET:
         return "triton was imported before TRITON_INTERPRET=1 was set, so kernels are compiled for a GPU"
     return None
 
@@ -122,18 +128,31 @@ def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=
     return _check_scaling(scaling), _check_dropout(dropout_p)
 
 
-def resolve_backend(backend: str, x: torch.Tensor, *tensors) -> str:
+def resolve_backend(backend: str, x: torch.Tensor, *tensors, weight: Optional[torch.Tensor] = None) -> str:
     """'triton' or 'reference' for these inputs; raises ValueError if 'triton' was forced but cannot run."""
     if backend == "reference":
         return "reference"
     why_not = triton_available_for(x.device)
     if why_not is None and any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors):
         why_not = "the Triton kernels do not take float64 tensors"
+    if why_not is None and weight is not None and weight.numel() >= 2**31:
+        why_not = "the weight has 2**31 elements or more (the kernels index its columns with 32 bits)"
     if why_not is None:
         return "triton"
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run here: {why_not}")
     return "reference"
+
+
+def narrow_column_offsets(t: torch.Tensor) -> torch.Tensor:
+    """t [rows, cols], copied row-major if its column offsets would not fit in 32 bits.
+
+    The kernels index rows with 64-bit offsets but columns with 32-bit ones (cheaper in the
+    GEMM main loops); only a transposed-like view of a huge tensor needs the copy.
+    """
+    if (t.shape[1] - 1) * t.stride(1) >= 2**31:
+        return t.contiguous()
+    return t
 
 
 def draw_dropout_seed() -> int:
@@ -151,7 +170,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
     weight [N, K], lora_A [r, K], lora_B [N, r]. The Triton kernel never forms B @ A densely.
     """
     with torch.no_grad():
-        if resolve_backend(backend, weight, lora_A, lora_B) == "triton":
+        if resolve_backend(backend, weight, lora_A, lora_B, weight=weight) == "triton":
             if torch.compiler.is_compiling():
                 from . import ops
 
@@ -242,7 +261,7 @@ class FusedDoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
+        dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, ctx.magnitude_dtype,
                                           ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db, need_dmag)
@@ -289,11 +308,11 @@ def dora_linear(
             return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm)
     scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm)
     p = dropout_p if training else 0.0
-    use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude)
+    use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude, weight=weight)
     if use == "reference":
         return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training=p > 0, norm=norm)
     K, N = weight.shape[1], weight.shape[0]
-    x2d = x.reshape(-1, K)
+    x2d = narrow_column_offsets(x.reshape(-1, K))
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around
         from . import ops
 

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .functional import fused_backward, fused_forward, frozen_grads
+from .functional import fused_backward, fused_forward, frozen_grads, narrow_column_offsets
 from .reference import magnitude_scale
 
 
@@ -49,7 +49,7 @@ def dora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
              ypre: Tensor, scale: Tensor, norm: Tensor, scaling: float, dropout_p: float, seed: Tensor,
              need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed."""
-    grads = fused_backward(dy.contiguous(), x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude.dtype, scaling,
+    grads = fused_backward(narrow_column_offsets(dy), x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude.dtype, scaling,
                            dropout_p, int(seed.item()), need_dx, need_da, need_db, need_dmag)
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 

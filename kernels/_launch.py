@@ -1,4 +1,5 @@
 """Launch helpers shared by the kernel families: interpreter detection, configs, block sizes."""
+import functools
 import os
 
 import torch
@@ -13,14 +14,52 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("FUSED_DORA_AUTOTUNE", "1") not in ("", "0")
 
 
-def configs(gpu_configs, interpreter_config):
-    """The autotune search space: the full list on a GPU, one small config under the interpreter.
+@functools.lru_cache(maxsize=None)
+def _smem_budget(device_index: int) -> int:
+    """Shared memory one block may use on this GPU, less a margin for epilogue scratch."""
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"] * 0.9)
+    except Exception:  # unknown driver API: assume a Hopper-class 227 KB
+        return 200 * 1024
 
-    The interpreter cannot benchmark (no driver), and autotune with one config never benchmarks.
+
+def autotune(gpu_configs, interpreter_config, key, stage_bytes):
+    """``triton.autotune`` over ``gpu_configs``; one fixed config under the interpreter.
+
+    The interpreter cannot benchmark (no driver); autotune with one config never benchmarks.
+    On a GPU, configs whose pipelined tiles cannot fit in shared memory are pruned before they
+    are compiled: ``stage_bytes(args)`` estimates one pipeline stage's bytes from the kernel's
+    arguments and the config's block sizes (args: a dict of both). FUSED_DORA_AUTOTUNE=0 keeps
+    only the first config that fits.
     """
-    if INTERPRET:
-        return [interpreter_config]
-    return gpu_configs if AUTOTUNE else gpu_configs[:1]
+    def prune(configs, nargs, **kwargs):
+        budget = _smem_budget(torch.cuda.current_device())
+        return fitting_configs(configs, {**nargs, **kwargs}, stage_bytes, budget, keep_all=AUTOTUNE)
+
+    def decorate(kernel):
+        TUNED_KERNELS[kernel.fn.__name__] = (kernel, gpu_configs, stage_bytes)  # for tests
+        if INTERPRET:
+            return triton.autotune(configs=[interpreter_config], key=key)(kernel)
+        return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+    return decorate
+
+
+# name -> (jit kernel, GPU configs, stage_bytes) of every kernel decorated by `autotune`
+TUNED_KERNELS = {}
+
+
+def fitting_configs(configs, args, stage_bytes, budget: int, keep_all: bool = True):
+    """The configs whose pipelined tiles fit in ``budget`` bytes of shared memory.
+
+    Never empty: if none fits, the one needing least. ``keep_all=False``: the first only.
+    """
+    def need(cfg):
+        return stage_bytes({**args, **cfg.kwargs}) * cfg.num_stages
+
+    fit = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
+    return fit if keep_all else fit[:1]
 
 
 def block_r(r: int) -> int:
@@ -48,6 +87,8 @@ def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype):
     fp32 adapters over a 16-bit base (PEFT's default) keep fp32 accuracy there, as PEFT's own
     fp32 LoRA path does: tiles are upcast and multiplied with 3xTF32 on tensor cores. These GEMMs
     are memory-bound, so the extra passes cost little. Otherwise the activation dtype is used.
+    The LoRA steps fused into the two big GEMMs (s*u @ B.T in the forward, v @ A in dx) run in
+    the activation dtype, like the base product they are added to.
     """
     if adapter_dtype == torch.float32 and x_dtype != torch.float32:
         return True, "tf32x3"
@@ -62,7 +103,12 @@ def m_bucket(m: int) -> int:
 def num_sms(device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _multi_processor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_processor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_count(base_programs: int, rows: int, device: torch.device, rows_per_split_min: int = 64) -> int:

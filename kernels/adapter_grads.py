@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, lora_precision, split_count
+from ._launch import autotune, block_r, lora_precision, split_count
 from .dropout import dropout_keep
 
 _COLPASS_GPU_CONFIGS = [
@@ -30,8 +30,10 @@ def _slice_bounds(M, M_SPLITS):
     return begin, tl.minimum(begin + rows_per_split, M)
 
 
-@triton.autotune(configs=configs(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG),
-                 key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B"])
+@autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
+          key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
+          # dy and ypre tiles, and the u tile (fp32)
+          stage_bytes=lambda a: a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]))
 @triton.jit
 def _magnitude_and_B_grad_kernel(
     dy_ptr, ypre_ptr, u_ptr, dmag_ptr, db_ptr,   # dy, ypre [M, N]; u [M, R]; dmag [S, N]; db [S, N, R]
@@ -100,8 +102,11 @@ def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, split
     return (dmag.sum(0) if compute_mag else None), (db.sum(0) if compute_B else None)
 
 
-@triton.autotune(configs=configs(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG),
-                 key=["K", "R", "M_SPLITS", "HAS_DROPOUT"])
+@autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
+          key=["K", "R", "M_SPLITS", "HAS_DROPOUT", "PRECISION"],
+          # the x tile (staged in fp32 when upcast) and the v tile (fp32)
+          stage_bytes=lambda a: a["BLOCK_M"] * (a["BLOCK_C"] * (4 if a["UPCAST"] else a["x_ptr"].element_size())
+                                                + 4 * a["BLOCK_R"]))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_A_grad_kernel(
     v_ptr, x_ptr, da_ptr,                 # v [M, R] fp32; x [M, K]; da [S, R, K] fp32

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, lora_precision, m_bucket
+from ._launch import autotune, block_r, dot_precision, lora_precision, m_bucket
 from .dropout import dropout_keep
 from .forward import _GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, grouped_tile
 
@@ -40,7 +40,10 @@ def load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, 
     return dy.to(tl.float32) * scale[None, :]
 
 
-@triton.autotune(configs=configs(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "R"])
+@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "R", "PRECISION"],
+          # the dy and B tiles (staged in fp32 when upcast)
+          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"]
+          * (4 if a["UPCAST"] else a["dy_ptr"].element_size()))
 @triton.jit
 def _lora_up_grad_kernel(
     dy_ptr, scale_ptr, b_ptr, v_ptr,     # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
@@ -86,8 +89,10 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) ->
     return v
 
 
-@triton.autotune(configs=configs(_INPUT_GRAD_GPU_CONFIGS, _INPUT_GRAD_INTERPRETER_CONFIG),
-                 key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"])
+@autotune(_INPUT_GRAD_GPU_CONFIGS, _INPUT_GRAD_INTERPRETER_CONFIG,
+          key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "PRECISION"],
+          # the dy and W tiles of the main loop
+          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_N"] * a["dy_ptr"].element_size())
 @triton.jit(do_not_specialize=["seed"])
 def _dora_input_grad_kernel(
     dy_ptr, scale_ptr, w_ptr, v_ptr, a_ptr, dx_ptr,
@@ -117,7 +122,9 @@ def _dora_input_grad_kernel(
         acc = tl.dot(e, w, acc, input_precision=PRECISION)
 
     lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):  # LoRA term: v @ A
+    # LoRA term: v @ A; not software-pipelined (num_stages=1): a few steps only, and pipelining
+    # them would hold extra fp32 tiles in shared memory
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)

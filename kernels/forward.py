@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, lora_precision, m_bucket
+from ._launch import autotune, block_r, dot_precision, lora_precision, m_bucket
 from .dropout import dropout_keep
 
 _DOWN_GPU_CONFIGS = [
@@ -20,7 +20,10 @@ _DOWN_GPU_CONFIGS = [
 _DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
 
 
-@triton.autotune(configs=configs(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG), key=["M_BUCKET", "K", "R", "HAS_DROPOUT"])
+@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "PRECISION"],
+          # the x and A tiles (staged in fp32 when upcast)
+          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"]
+          * (4 if a["UPCAST"] else a["x_ptr"].element_size()))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
     x_ptr, a_ptr, u_ptr,                 # x [M, K], A [R, K], u [M, R] fp32
@@ -98,7 +101,9 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-@triton.autotune(configs=configs(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG), key=["M_BUCKET", "N", "K", "R", "STORE_YPRE"])
+@autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "K", "R", "STORE_YPRE", "PRECISION"],
+          # the x and W tiles of the main loop
+          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * a["x_ptr"].element_size())
 @triton.jit
 def _dora_forward_kernel(
     x_ptr, w_ptr, u_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, ypre_ptr,
@@ -125,7 +130,9 @@ def _dora_forward_kernel(
         w_t = tl.load(w_ptr + outs[None, :] * stride_wn + cols[:, None] * stride_wk,
                       mask=out_ok[None, :] & col_ok[:, None], other=0.0)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-    for r0 in range(0, R, BLOCK_R):  # LoRA up-projection as r extra K-steps: (s * u) @ B.T
+    # LoRA up-projection as r extra K-steps, (s * u) @ B.T; not software-pipelined (num_stages=1):
+    # a few steps only, and pipelining them would hold extra fp32 tiles in shared memory
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)

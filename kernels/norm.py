@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, configs, dot_precision, split_count
+from ._launch import autotune, block_r, dot_precision, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -20,7 +20,10 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
 
 
-@triton.autotune(configs=configs(_GPU_CONFIGS, _INTERPRETER_CONFIG), key=["N", "K", "R", "K_SPLITS"])
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, key=["N", "K", "R", "K_SPLITS", "PRECISION"],
+          # the W tile, and the B and A tiles
+          stage_bytes=lambda a: a["BLOCK_N"] * a["BLOCK_K"] * a["w_ptr"].element_size()
+          + (a["BLOCK_N"] + a["BLOCK_K"]) * a["BLOCK_R"] * a["a_ptr"].element_size())
 @triton.jit
 def _row_sumsq_kernel(
     w_ptr, a_ptr, b_ptr, out_ptr,          # W [N, K], A [R, K], B [N, R], out [K_SPLITS, N] fp32

@@ -100,3 +100,23 @@ def test_module_wrong_input_width():
     layer = FusedDoraLinear(6, 4)
     with pytest.raises(ValueError, match="x has last dimension 5 but weight has in_features=6"):
         layer(torch.randn(2, 5))
+
+
+def test_huge_weight_goes_to_the_reference_or_is_refused(monkeypatch):
+    """The kernels index weight columns with 32 bits: 2**31 elements or more cannot run there."""
+    from fused_dora.functional import resolve_backend
+
+    w = torch.empty(1, 1).expand(2**16, 2**15)  # 2**31 elements, no memory
+    x = torch.randn(2, 2**15)
+    assert resolve_backend("auto", x, w, weight=w) == "reference"
+    with pytest.raises(ValueError, match="2\\*\\*31 elements"):
+        resolve_backend("triton", x, w, weight=w)
+
+
+def test_narrow_column_offsets_copies_only_huge_strides():
+    from fused_dora.functional import narrow_column_offsets
+
+    t = torch.randn(4, 6).T
+    assert narrow_column_offsets(t) is t
+    big = torch.empty(2**32, device="meta").as_strided((2, 3), (1, 2**30))  # (3 - 1) * 2**30 == 2**31
+    assert narrow_column_offsets(big).is_contiguous()
