@@ -98,3 +98,32 @@ def test_gpu_module_bf16_train_step_and_merge():
         layer.merge()
         y_merged = layer(x)
     assert rel_err(y_merged, y) < 2e-2
+
+
+def test_gpu_autocast_bf16_like_linear():
+    """fp32 parameters under autocast("cuda", bf16): computes in bf16 and returns bf16, as nn.Linear."""
+    torch.manual_seed(1)
+    base = torch.nn.Linear(512, 384, device="cuda")
+    layer = FusedDoraLinear.from_linear(base, r=8, lora_alpha=16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(64, 512, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == base(x).dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    ref = reference.dora_linear(x.detach().double(), layer.weight.double(), layer.bias.double(),
+                                layer.lora_A.double(), layer.lora_B.double(), layer.magnitude.double(), layer.scaling)
+    assert rel_err(y, ref) < 2e-2
+
+
+def test_gpu_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    layer = FusedDoraLinear(256, 192, r=8, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    x = torch.randn(4, 33, 256, device="cuda", dtype=torch.bfloat16)
+    y_eager = layer(x)
+    y = torch.compile(layer, fullgraph=True)(x)
+    assert rel_err(y, y_eager) < 1e-2
