@@ -83,39 +83,56 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
-def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, backend="auto", norm=None):
+def _check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_adapted_weight(weight, lora_A, lora_B, device, dtype, backend):
+    """Checks weight [N, K], lora_A [r, K], lora_B [N, r] against the compute dtype; returns N."""
+    _check_tensor("weight", weight, 2, device)
+    N, K = weight.shape
+    if N < 1 or K < 1:
+        raise ValueError(f"weight must have out_features >= 1 and in_features >= 1, got shape {tuple(weight.shape)}")
+    _check_tensor("lora_A", lora_A, 2, device)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
+    _check_tensor("lora_A", lora_A, 2, device, (r, K))
+    _check_tensor("lora_B", lora_B, 2, device, (N, r))
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B has dtype {lora_B.dtype} but lora_A has {lora_A.dtype}; adapters must share a dtype")
+    if lora_A.dtype not in (dtype, torch.float32, torch.float64):
+        raise TypeError(f"lora_A has dtype {lora_A.dtype}; adapters must be float32 or x's dtype ({dtype})")
+    if backend == "triton" and lora_A.dtype == torch.float64:
+        raise TypeError("backend='triton' does not take float64 tensors; use backend='reference'")
+    return N
+
+
+def _check_dtype(name, t, backend):
+    allowed = _KERNEL_DTYPES if backend == "triton" else _REFERENCE_DTYPES  # "auto" sends float64 to the reference
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in allowed)} (backend={backend!r})")
+
+
+def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=0.0, backend="auto", norm=None,
+                 training=False):
     """Validate the op's arguments; returns (scaling, dropout_p) as floats.
 
     Raises TypeError / ValueError naming the offending argument.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    allowed = _KERNEL_DTYPES if backend == "triton" else _REFERENCE_DTYPES  # "auto" sends float64 to the reference
-    if x.dtype not in allowed:
-        raise TypeError(f"x has dtype {x.dtype}; supported: {', '.join(str(d) for d in allowed)} (backend={backend!r})")
+    _check_dtype("x", x, backend)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., in_features]")
     dev = x.device
-    _check_tensor("weight", weight, 2, dev)
-    N, K = weight.shape
-    if N < 1 or K < 1:
-        raise ValueError(f"weight must have out_features >= 1 and in_features >= 1, got shape {tuple(weight.shape)}")
-    if x.shape[-1] != K:
-        raise ValueError(f"x has last dimension {x.shape[-1]} but weight has in_features={K}")
+    N = _check_adapted_weight(weight, lora_A, lora_B, dev, x.dtype, backend)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but weight has in_features={weight.shape[1]}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match (as for nn.Linear)")
-    _check_tensor("lora_A", lora_A, 2, dev)
-    r = lora_A.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_A must have rank r >= 1 rows, got shape {tuple(lora_A.shape)}")
-    _check_tensor("lora_A", lora_A, 2, dev, (r, K))
-    _check_tensor("lora_B", lora_B, 2, dev, (N, r))
-    if lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_B has dtype {lora_B.dtype} but lora_A has {lora_A.dtype}; adapters must share a dtype")
-    if lora_A.dtype not in (x.dtype, torch.float32, torch.float64):
-        raise TypeError(f"lora_A has dtype {lora_A.dtype}; adapters must be float32 or x's dtype ({x.dtype})")
     _check_tensor("magnitude", magnitude, 1, dev, (N,))
     if bias is not None:
         _check_tensor("bias", bias, 1, dev, (N,))
@@ -123,8 +140,10 @@ def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=
             raise TypeError(f"bias has dtype {bias.dtype}; it must be float32 or x's dtype ({x.dtype})")
     if norm is not None:
         _check_tensor("norm", norm, 1, dev, (N,))
-    if backend == "triton" and any(t.dtype == torch.float64 for t in (lora_A, magnitude) + ((bias,) if bias is not None else ())):
+    if backend == "triton" and any(t.dtype == torch.float64 for t in (magnitude,) + ((bias,) if bias is not None else ())):
         raise TypeError("backend='triton' does not take float64 tensors; use backend='reference'")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
     return _check_scaling(scaling), _check_dropout(dropout_p)
 
 
@@ -168,7 +187,14 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
     """n [N] fp32 = ||weight + scaling * lora_B @ lora_A||_2 per row, detached, not clamped.
 
     weight [N, K], lora_A [r, K], lora_B [N, r]. The Triton kernel never forms B @ A densely.
+    Raises TypeError / ValueError naming a bad argument.
     """
+    _check_backend(backend)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check_dtype("weight", weight, backend)
+    _check_adapted_weight(weight, lora_A, lora_B, weight.device, weight.dtype, backend)
+    scaling = _check_scaling(scaling)
     with torch.no_grad():
         if resolve_backend(backend, weight, lora_A, lora_B, weight=weight) == "triton":
             if torch.compiler.is_compiling():
@@ -296,7 +322,10 @@ def dora_linear(
     Returns y in x's dtype. Under torch.autocast, x, weight and bias are cast to the autocast
     dtype first (as nn.Linear is) and y comes back in that dtype.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(x.device.type)
+            and all(isinstance(t, torch.Tensor) for t in (weight, lora_A, lora_B))
+            and (bias is None or isinstance(bias, torch.Tensor))):
         # like nn.Linear under autocast: x, weight and bias compute in the autocast dtype;
         # adapters stay in fp32 (the kernels take fp32 adapters as they are)
         cast = torch.get_autocast_dtype(x.device.type)
@@ -306,7 +335,8 @@ def dora_linear(
             lora_A, lora_B = lora_A.to(cast), lora_B.to(cast)
         with torch.autocast(x.device.type, enabled=False):
             return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm)
-    scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm)
+    scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm,
+                                      training)
     p = dropout_p if training else 0.0
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude, weight=weight)
     if use == "reference":

@@ -1,5 +1,6 @@
 """FusedDoraLinear: a drop-in nn.Linear with a DoRA adapter, served by the fused kernels."""
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -21,6 +22,14 @@ def version_stamp(t: torch.Tensor):
     if t.is_inference():  # inference tensors have no version counter
         return None
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
+    """state_dict hook: a merged layer is saved with its unmerged base weight."""
+    if module.merged and prefix + "weight" in state_dict:
+        with torch.no_grad():
+            state_dict[prefix + "weight"] = module._unmerged_weight()
+    return state_dict
 
 
 class FusedDoraLinear(nn.Module):
@@ -61,14 +70,22 @@ class FusedDoraLinear(nn.Module):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if not math.isfinite(float(lora_alpha)):
             raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         adapter_dtype = adapter_dtype if adapter_dtype is not None else _default_adapter_dtype(dtype)
+        for name, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
+            if not isinstance(value, torch.dtype) or not value.is_floating_point:
+                raise TypeError(f"{name} must be a floating-point torch.dtype, got {value!r}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout, self.use_rslora = float(lora_alpha), float(lora_dropout), use_rslora
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
@@ -84,6 +101,7 @@ class FusedDoraLinear(nn.Module):
         self.merged = False
         self._norm_cache = None
         self._merge_state = None
+        self._register_state_dict_hook(_save_unmerged_weight)
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------
@@ -178,14 +196,23 @@ class FusedDoraLinear(nn.Module):
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
         )
 
-    def _adapter_stamp(self):
-        return tuple(version_stamp(p) for p in (self.lora_A, self.lora_B, self.magnitude)) + (self.scaling,)
+    def _adapter_fingerprint(self) -> torch.Tensor:
+        """Content summary of the adapters (fp64 sums and sums of squares, and scaling).
+
+        Compared by value, so it survives deepcopy, torch.save and device moves, and notices
+        writes that bypass version counters.
+        """
+        parts = [torch.stack([p.double().sum(), p.double().square().sum()]).cpu()
+                 for p in (self.lora_A, self.lora_B, self.magnitude)]
+        return torch.cat(parts + [torch.tensor([self.scaling], dtype=torch.float64)])
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into weight: W <- c * (W + s * B @ A) (fp32, then weight's dtype).
 
         Afterwards forward is a plain F.linear. The adapters stay; :meth:`unmerge` restores W.
+        ``state_dict()`` of a merged layer holds the unmerged weight, so a checkpoint always
+        loads as an unmerged layer that computes the same function.
         """
         if self.merged:
             warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
@@ -197,10 +224,24 @@ class FusedDoraLinear(nn.Module):
         lost = (scale == 0).nonzero().flatten()
         self._merge_state = {
             "scale": scale, "lost_rows": lost, "lost_values": w[lost].clone(),
-            "adapters": self._adapter_stamp(),
+            "adapters": self._adapter_fingerprint(),
         }
         w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
         self.merged = True
+
+    def _unmerged_weight(self) -> torch.Tensor:
+        """The base weight recovered from the merged one, in weight's dtype."""
+        st = self._merge_state
+        if not torch.allclose(st["adapters"], self._adapter_fingerprint(), rtol=1e-6, atol=0):
+            raise RuntimeError("unmerge(): lora_A, lora_B, magnitude or scaling changed since merge(); "
+                               "the base weight cannot be recovered from the merged one")
+        w = self.weight.detach()
+        delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        scale = st["scale"].to(w.device, torch.float32)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        restored = w.float() / safe[:, None] - delta
+        restored[st["lost_rows"].to(w.device)] = st["lost_values"].to(w.device).float()
+        return restored.to(w.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -208,16 +249,6 @@ class FusedDoraLinear(nn.Module):
         if not self.merged:
             warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done")
             return
-        st = self._merge_state
-        if st["adapters"] != self._adapter_stamp():
-            raise RuntimeError("unmerge(): lora_A, lora_B, magnitude or scaling changed since merge(); "
-                               "the base weight cannot be recovered from the merged one")
-        w = self.weight
-        delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        scale = st["scale"]
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-        restored = w.float() / safe[:, None] - delta
-        restored[st["lost_rows"]] = st["lost_values"].float()
-        w.copy_(restored.to(w.dtype))
+        self.weight.copy_(self._unmerged_weight())
         self.merged = False
         self._merge_state = None

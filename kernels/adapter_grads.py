@@ -81,13 +81,15 @@ def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, split
     """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
 
     dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
-    u [M, r] fp32 contiguous. dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
+    u [M, r] fp32 contiguous (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
     splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
     adapter_dtype (lora_B's) picks the precision of dy.T @ u (see _launch.lora_precision).
     """
     M, N = dy.shape
     upcast, precision = lora_precision(dy.dtype, adapter_dtype)
-    R = u.shape[1]
+    if not compute_B:  # u is not needed (and may be None): a dummy rank, no rank chunks
+        u = dy
+    R = u.shape[1] if compute_B else 1
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR) if compute_B else 1
     splits = splits or split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
@@ -95,7 +97,7 @@ def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, split
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
     _magnitude_and_B_grad_kernel[grid](
-        dy, ypre if compute_mag else dy, u, dmag if compute_mag else u, db if compute_B else u,
+        dy, ypre if compute_mag else dy, u, dmag if compute_mag else dy, db if compute_B else dy,
         M, N, R, splits, dy.stride(0), dy.stride(1),
         COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )

@@ -170,7 +170,8 @@ def dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling: float, no
     ypre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_ypre else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _dora_forward_kernel[grid](
-        x, weight, u, lora_B, magnitude.contiguous(), norm.float().contiguous(), bias if bias is not None else norm,
+        x, weight, u, lora_B, magnitude.contiguous(), norm.float().contiguous(),
+        bias.contiguous() if bias is not None else norm,
         y, ypre if store_ypre else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),

@@ -189,3 +189,31 @@ def test_layer_built_in_inference_mode_computes_norm_each_call():
         expect = fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
                                                   layer.magnitude, layer.scaling)
     assert rel_err(y2, expect) < 1e-5 and not torch.equal(y1, y2)
+
+
+def test_merged_layer_saves_and_copies_as_unmerged_function(tmp_path):
+    import copy
+
+    torch.manual_seed(4)
+    layer = FusedDoraLinear(24, 16, r=3, device=DEVICE).eval()
+    _randomise_adapter(layer)
+    x = torch.randn(5, 24, device=DEVICE)
+    with torch.no_grad():
+        y = layer(x)
+        w0 = layer.weight.clone()
+        layer.merge()
+        state = layer.state_dict()  # holds the unmerged weight
+        assert rel_err(state["weight"], w0) < 1e-6
+        fresh = FusedDoraLinear(24, 16, r=3, device=DEVICE).eval()
+        fresh.load_state_dict(state)
+        assert rel_err(fresh(x), y) < 1e-5
+        twin = copy.deepcopy(layer)  # unmerge still works on copies and moved copies
+        twin.unmerge()
+        assert rel_err(twin.weight, w0) < 1e-6
+        moved = copy.deepcopy(layer).double()
+        moved.unmerge()
+        assert rel_err(moved.weight, w0) < 1e-6
+        torch.save(layer, tmp_path / "layer.pt")
+        loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+        loaded.unmerge()
+        assert rel_err(loaded(x), y) < 1e-5

@@ -120,3 +120,41 @@ def test_narrow_column_offsets_copies_only_huge_strides():
     assert narrow_column_offsets(t) is t
     big = torch.empty(2**32, device="meta").as_strided((2, 3), (1, 2**30))  # (3 - 1) * 2**30 == 2**31
     assert narrow_column_offsets(big).is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "overrides, exc, match",
+    [
+        (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A must have shape"),
+        (dict(lora_B=torch.randn(8, 3)), ValueError, "lora_B must have shape"),
+        (dict(weight=torch.ones(8, 10, dtype=torch.int64)), TypeError, "weight has dtype"),
+        (dict(scaling="0.5"), TypeError, "scaling must be a real number"),
+        (dict(backend="bogus"), ValueError, "backend must be one of"),
+    ],
+)
+def test_weight_norm_checks_its_arguments(overrides, exc, match):
+    t = make_inputs(1, 10, 8, 2, seed=4)
+    args = dict(weight=t["weight"], lora_A=t["lora_A"], lora_B=t["lora_B"], scaling=1.0)
+    args.update(overrides)
+    with pytest.raises(exc, match=match):
+        fused_dora.dora_weight_norm(**args)
+
+
+def test_training_must_be_bool():
+    with pytest.raises(TypeError, match="training must be a bool"):
+        fused_dora.dora_linear(**_args(), training="no")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(lora_dropout=None), TypeError, "lora_dropout must be a real number"),
+        (dict(lora_alpha=None), TypeError, "lora_alpha must be a real number"),
+        (dict(use_rslora="no"), TypeError, "use_rslora must be a bool"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point"),
+        (dict(adapter_dtype=torch.int64), TypeError, "adapter_dtype must be a floating-point"),
+    ],
+)
+def test_module_constructor_type_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        FusedDoraLinear(4, 4, **kwargs)
