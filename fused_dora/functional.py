@@ -349,13 +349,14 @@ def dora_linear(
         norm = ops.row_norm(weight, lora_A, lora_B, scaling) if norm is None else norm.detach()
         y = ops.dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p)
         return y.reshape(*x.shape[:-1], N)
-    if norm is None:
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend="triton")
+    if norm is None:  # inputs already checked: straight to the kernel
+        with torch.no_grad():
+            norm = _kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
     seed = draw_dropout_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)):
         out_shape = x.shape[:-1] + (N,)
         return FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed,
                                        out_shape)
-    else:  # inference: no autograd bookkeeping, nothing saved
-        y = fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_ypre=False)[0]
+    # inference: no autograd bookkeeping, nothing saved
+    y = fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_ypre=False)[0]
     return y.reshape(*x.shape[:-1], N)

@@ -24,6 +24,34 @@ def version_stamp(t: torch.Tensor):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+class NormCache:
+    """The detached row norm of W + s * B @ A, recomputed only when its inputs change.
+
+    Keyed on the version counters and storages of weight, lora_A, lora_B (see version_stamp),
+    the scaling and an optional tag (e.g. the adapter's name), so it is computed once per
+    optimizer step in training and once in inference. Inference tensors have no version
+    counter: their norm is never cached. While torch.compile traces, it is computed in-graph.
+    Writes through ``.data`` bypass version counters: call :meth:`clear` after those.
+    """
+
+    def __init__(self):
+        self._entry = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def get(self, weight, lora_A, lora_B, scaling, backend, tag=None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # no storage pointers to key on while tracing
+            return dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+        stamps = (version_stamp(weight), version_stamp(lora_A), version_stamp(lora_B))
+        key = (tag, stamps, scaling)
+        if self._entry is not None and self._entry[0] == key:
+            return self._entry[1]
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+        self._entry = None if None in stamps else (key, norm)
+        return norm
+
+
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
     """state_dict hook: a merged layer is saved with its unmerged base weight."""
     if module.merged and prefix + "weight" in state_dict:
@@ -99,7 +127,7 @@ class FusedDoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=adapter_dtype))
         self.magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=adapter_dtype))
         self.merged = False
-        self._norm_cache = None
+        self._norm_cache = NormCache()
         self._merge_state = None
         self._register_state_dict_hook(_save_unmerged_weight)
         self.reset_parameters()
@@ -169,18 +197,11 @@ class FusedDoraLinear(nn.Module):
 
     # ---- the norm cache -----------------------------------------------------------------
     def clear_norm_cache(self) -> None:
-        self._norm_cache = None
+        self._norm_cache.clear()
 
     def weight_norm(self) -> torch.Tensor:
         """n [out] fp32, detached: ||weight + scaling * lora_B @ lora_A|| per row, cached."""
-        if torch.compiler.is_compiling():  # no storage pointers to key on while tracing: compute in-graph
-            return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
-        key = (version_stamp(self.weight), version_stamp(self.lora_A), version_stamp(self.lora_B), self.scaling)
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        norm = dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
-        self._norm_cache = None if None in key else (key, norm)
-        return norm
+        return self._norm_cache.get(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend)
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_norm_cache()  # .to() / .cuda() / .half() move or recast the parameters

@@ -10,7 +10,7 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# FUSED_DORA_AUTOTUNE=0 skips the search on a GPU (first config of each list): quicker test runs.
+# FUSED_DORA_AUTOTUNE=0 skips the search on a GPU (first config that fits): quicker test runs.
 AUTOTUNE = os.environ.get("FUSED_DORA_AUTOTUNE", "1") not in ("", "0")
 
 

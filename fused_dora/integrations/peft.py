@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import BACKENDS, dora_linear, dora_weight_norm
-from ..module import version_stamp as _stamp
+from ..functional import BACKENDS, dora_linear
+from ..module import NormCache
 
 DROPOUT_SEMANTICS = ("fused", "peft")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -119,32 +119,20 @@ def _input_reason(x, weight, bias, tensors, compute_dtype, autocast: bool) -> Op
 class _FusedForward:
     """The ``forward`` installed on one PEFT lora.Linear: the fused op when it applies, else PEFT's.
 
-    Holds the norm cache, keyed on the adapter, the version counters / storage of weight,
-    lora_A and lora_B, and the scaling (as FusedDoraLinear does; writes through ``.data`` bypass
-    version counters, so after those call disable_fused_dora / enable_fused_dora again).
+    Holds a NormCache tagged with the adapter's name, as FusedDoraLinear does (writes through
+    ``.data`` bypass version counters, so after those call enable_fused_dora again).
     """
 
     def __init__(self, layer, dropout_semantics: str, backend: str, previous=None):
         self.layer, self.dropout_semantics, self.backend = layer, dropout_semantics, backend
         self.previous = previous  # an instance-level forward that was there before, if any
         self.last_input_reason = None  # why the last call's arguments went to PEFT's path
-        self._norm_cache = None
+        self._norm_cache = NormCache()
 
     def peft_forward(self, x, *args, **kwargs):
         if self.previous is not None:
             return self.previous(x, *args, **kwargs)
         return type(self.layer).forward(self.layer, x, *args, **kwargs)
-
-    def _norm(self, adapter, weight, lora_A, lora_B, scaling):
-        if torch.compiler.is_compiling():  # no storage pointers while tracing: compute in-graph
-            return dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend)
-        key = (adapter, _stamp(weight), _stamp(lora_A), _stamp(lora_B), scaling)
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, self.backend)
-        # inference tensors have no version counter (stamp None): never cache those
-        self._norm_cache = None if None in key else (key, norm)
-        return norm
 
     def __call__(self, x, *args, **kwargs):
         layer = self.layer
@@ -169,7 +157,7 @@ class _FusedForward:
         dropout = layer.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         training = layer.training and dropout.training
-        norm = self._norm(adapter, weight, lora_A, lora_B, scaling)
+        norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm)
 
