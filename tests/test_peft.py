@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fused_dora.functional as functional
 from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
 from helpers import rel_err as rel
 
