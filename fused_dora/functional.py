@@ -206,15 +206,16 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
 
 
 def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre):
-    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r] fp32, ypre [M, N] or None).
+    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r], ypre [M, N] or None).
 
-    Two launches (lora_down, then the GEMM that also forms c = magnitude / norm). u and ypre
-    are what the backward needs; ypre only with ``store_ypre`` (for the magnitude gradient).
+    u (in lora_A's dtype, as PEFT rounds lora_A's output) and ypre (x's dtype) are what the
+    backward needs; ypre only with ``store_ypre`` (for the magnitude gradient). Two launches:
+    lora_down, then the GEMM that also forms c = magnitude / norm in its epilogue.
     """
     k = _kernels()
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
-        u = torch.empty((0, R), dtype=torch.float32, device=x.device)
+        u = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
         return x.new_empty((0, N)), u, (x.new_empty((0, N)) if store_ypre else None)
     u = k.lora_down(x, lora_A, dropout_p, seed)
     y, ypre = k.dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling, NORM_EPS, store_ypre=store_ypre)
@@ -225,7 +226,7 @@ def fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitud
                    need_dx, need_da, need_db, need_dmag):
     """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
 
-    dy [M, N]; x [M, K] (for dA); u [M, r] fp32 (for dB); ypre [M, N] (for dmagnitude);
+    dy [M, N]; x [M, K] (for dA); u [M, r] (for dB); ypre [M, N] (for dmagnitude);
     scale [N] and norm [N] fp32 (the forward's). Gradients come in their parameters' dtypes.
     """
     k = _kernels()
@@ -276,9 +277,10 @@ class FusedDoraFunction(torch.autograd.Function):
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         y, u, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
                                    store_ypre=need_dmag)
-        scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32 for the backward
+        # saved: only what the needed gradients read; c = magnitude / norm is re-formed in the
+        # backward rather than saved (magnitude is a parameter: saving it costs no memory)
         ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B,
-                              u if need_db else None, ypre, scale, norm)
+                              u if need_db else None, ypre, magnitude, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.magnitude_dtype = scaling, dropout_p, seed, magnitude.dtype
         # shaped here, so the caller gets the Function's own output rather than a view of it
         # (FSDP2 hooks warn about modules that return views)
@@ -286,8 +288,9 @@ class FusedDoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, lora_A, lora_B, u, ypre, scale, norm = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, u, ypre, magnitude, norm = ctx.saved_tensors
         dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
+        scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, as in the forward's epilogue
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
         dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, ctx.magnitude_dtype,
                                           ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db, need_dmag)

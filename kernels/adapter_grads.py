@@ -32,7 +32,7 @@ def _slice_bounds(M, M_SPLITS):
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
           key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
-          # dy and ypre tiles, and the u tile (fp32)
+          # dy and ypre tiles, and the u tile (counted at fp32)
           stage_bytes=lambda a: a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]))
 @triton.jit
 def _magnitude_and_B_grad_kernel(
@@ -81,7 +81,7 @@ def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, split
     """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
 
     dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
-    u [M, r] fp32 contiguous (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
+    u [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
     splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
     adapter_dtype (lora_B's) picks the precision of dy.T @ u (see _launch.lora_precision).
     """

@@ -1,6 +1,6 @@
 """Forward kernels: the LoRA down-projection and the fused DoRA GEMM.
 
-    u    = dropout(x) @ A.T                     lora_down     [M, r] fp32, unscaled
+    u    = dropout(x) @ A.T                     lora_down     [M, r] in the adapters' dtype, unscaled
     ypre = x @ W.T + s * u @ B.T                dora_forward  (r extra K-steps in the same GEMM)
     y    = c * ypre + bias                      dora_forward  epilogue, one write of y
 
@@ -26,7 +26,7 @@ _DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
           * (4 if a["UPCAST"] else a["x_ptr"].element_size()))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, u_ptr,                 # x [M, K], A [R, K], u [M, R] fp32
+    x_ptr, a_ptr, u_ptr,                 # x [M, K], A [R, K], u [M, R] (A's dtype)
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, p,
@@ -52,18 +52,21 @@ def _lora_down_kernel(
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
         acc = tl.dot(x.to(dtype), a_t.to(dtype), acc, input_precision=PRECISION)
-    tl.store(u_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
+    # rounded to the adapters' dtype, as PEFT's lora_A output is: with 16-bit adapters u is saved
+    # for the backward at LoRA's size
+    tl.store(u_ptr + rows[:, None] * R + ranks[None, :], acc.to(u_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & rank_ok[None, :])
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """u [M, r] fp32 = dropout(x) @ lora_A.T, unscaled.
+    """u [M, r] = dropout(x) @ lora_A.T, unscaled, in lora_A's dtype (accumulated in fp32).
 
     x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (fp32 or x's dtype).
     dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
     """
     M, K = x.shape
     R = lora_A.shape[0]
-    u = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    u = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
     BR = block_r(R)
     upcast, precision = lora_precision(x.dtype, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
@@ -138,7 +141,7 @@ def _dora_forward_kernel(
         u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
-        acc = tl.dot((u * scaling).to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot((u.to(tl.float32) * scaling).to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
@@ -158,7 +161,7 @@ def dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling: float, no
                  store_ypre: bool = False):
     """y [M, N] (x's dtype) = c * (x @ weight.T + scaling * u @ lora_B.T) + bias.
 
-    x [M, K] (any strides), weight [N, K] (x's dtype), u [M, r] fp32 contiguous,
+    x [M, K] (any strides), weight [N, K] (x's dtype), u [M, r] contiguous (lora_down's),
     lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
     c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
     With store_ypre, also returns ypre [M, N] (x's dtype), the pre-scale output, else None.

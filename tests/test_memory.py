@@ -1,0 +1,121 @@
+"""The memory targets that are byte counts (issue 5, T9 and T11), measured with bench.py's own
+instruments: bytes saved for backward, and dense [out, in] temporaries made by any aten op.
+
+Byte counts do not depend on the device, so the interpreter proves them; fp16 stands for bf16.
+"""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import fused_dora
+from fused_dora import FusedDoraLinear, ops
+from helpers import make_inputs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fused_dora_bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _saved(bench, case, name):
+    data = bench.make_data(case, torch.device("cpu"))
+    comp = bench.build_competitor(name, data)
+    exclude = {bench._storage_key(t)[0] for t in comp.params + comp.frozen}
+    return bench.saved_bytes(comp.fwd, data.xs[0], exclude, comp.kept), data
+
+
+@pytest.mark.parametrize("mode", ["train0", "train05"])
+@pytest.mark.parametrize("dtype", ["fp16+fp32", "fp16", "fp32"])
+def test_saved_for_backward_at_most_lora_plus_one_output(bench, mode, dtype):
+    """T9: fused_dora saves x, u [M, r] and ypre [M, N]; PEFT LoRA saves x (or its fp32 copy) and
+    its own [M, r] (plus the dropout mask and the dropped x): at most one [M, N] tensor more."""
+    pytest.importorskip("peft")
+    M, r = 40, 16
+    case = bench.Case(mode, "cpu", M, r, dtype)
+    fused, data = _saved(bench, case, "fused")
+    lora, _ = _saved(bench, case, "peft_lora")
+    act, ad = data.act.itemsize, data.ad.itemsize
+    assert fused == M * case.K * act + M * r * ad + M * case.N * act  # x, u, ypre: nothing else
+    assert fused <= lora + M * case.N * act
+
+
+def _op_saved_bytes(fn, inputs, trainable):
+    """Bytes of the storages saved in fn(**leaves) other than the parameters' and the norm's;
+    leaves in `trainable` require grad."""
+    leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None)
+              for k, v in inputs.items()}
+    params = {v.untyped_storage().data_ptr() for k, v in leaves.items() if v is not None and k != "x"}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(**leaves)
+    return sum(seen.values())
+
+
+def _eager_op(x, weight, bias, lora_A, lora_B, magnitude, norm):
+    return fused_dora.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, 2.0, backend="triton", norm=norm)
+
+
+def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # what torch.compile calls
+    return ops.dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, 0.0)
+
+
+@pytest.mark.parametrize("path", [_eager_op, _library_op], ids=["function", "custom_op"])
+@pytest.mark.parametrize("trainable, expect", [
+    (("x", "lora_A", "lora_B", "magnitude"), ("x", "u", "ypre")),
+    (("x",), ()),                      # frozen adapters: dx reads weight, lora_B, lora_A, c only
+    (("lora_B",), ("u",)),
+    (("lora_A",), ("x",)),
+    (("magnitude",), ("ypre",)),
+], ids=["all", "x", "B", "A", "magnitude"])
+def test_saves_only_what_the_needed_gradients_read(path, trainable, expect):
+    """Both routes (eager autograd.Function and the torch.library op used under torch.compile)."""
+    M, K, N, r = 24, 40, 32, 8
+    inputs = make_inputs(M, K, N, r, dtype=torch.float16, adapter_dtype=torch.float32, seed=3)
+    inputs["norm"] = fused_dora.dora_weight_norm(inputs["weight"], inputs["lora_A"], inputs["lora_B"], 2.0)
+    size = {"x": M * K * 2, "u": M * r * 4, "ypre": M * N * 2}
+    seed = 8 if path is _library_op else 0  # the op's dropout seed, a 1-element int64 tensor
+    assert _op_saved_bytes(path, inputs, trainable) == sum(size[k] for k in expect) + seed
+
+
+def test_no_dense_weight_sized_temporary_at_high_rank(bench):
+    """T11: neither the training step nor the norm forms a tensor of the weight's shape, at r = 384
+    (above in and out). The counter's positive control: the dense eager baseline does form one."""
+    pytest.importorskip("peft")
+    counts = {}
+    for mode in ("train0", "norm"):
+        case = bench.Case(mode, "cpuhr", 0 if mode == "norm" else 24, 384, "fp16+fp32")
+        data = bench.make_data(case, torch.device("cpu"))
+        for name in ("fused", "eager_dense"):
+            comp = bench.build_competitor(name, data)
+            call, _ = bench.make_call(data, comp)
+            exclude = {bench._storage_key(t)[0] for t in comp.params + comp.frozen}
+            counts[mode, name] = bench.count_dense_temporaries(lambda: call(0), case.N, case.K, exclude)[0]
+    assert counts["train0", "fused"] == 0 and counts["norm", "fused"] == 0
+    assert counts["train0", "eager_dense"] > 0 and counts["norm", "eager_dense"] > 0
+
+
+def test_module_norm_is_the_cached_tensor():
+    """The [N] norm a training step saves is the module's cached one: saving it costs nothing."""
+    layer = FusedDoraLinear(40, 32, r=8, dtype=torch.float16, backend="triton")
+    x = torch.randn(6, 40, dtype=torch.float16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    cached = layer.weight_norm().untyped_storage().data_ptr()
+    assert any(t.untyped_storage().data_ptr() == cached for t in saved)
