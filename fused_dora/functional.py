@@ -206,27 +206,28 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> 
 
 
 def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre):
-    """The fused forward on 2-D x [M, K]: (y [M, N], u [M, r], ypre [M, N] or None).
+    """The fused forward on 2-D x [M, K]: (y [M, N], su [M, r], ypre [M, N] or None).
 
-    u (in lora_A's dtype, as PEFT rounds lora_A's output) and ypre (x's dtype) are what the
-    backward needs; ypre only with ``store_ypre`` (for the magnitude gradient). Two launches:
-    lora_down, then the GEMM that also forms c = magnitude / norm in its epilogue.
+    su = scaling * dropout(x) @ lora_A.T (in lora_A's dtype, rounded once, as PEFT rounds
+    lora_A's output) and ypre (x's dtype) are what the backward needs; ypre only with
+    ``store_ypre`` (for the magnitude gradient). Two launches: lora_down, then the GEMM that
+    also forms c = magnitude / norm in its epilogue.
     """
     k = _kernels()
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     if M == 0:
-        u = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
-        return x.new_empty((0, N)), u, (x.new_empty((0, N)) if store_ypre else None)
-    u = k.lora_down(x, lora_A, dropout_p, seed)
-    y, ypre = k.dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling, NORM_EPS, store_ypre=store_ypre)
-    return y, u, ypre
+        su = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
+        return x.new_empty((0, N)), su, (x.new_empty((0, N)) if store_ypre else None)
+    su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
+    y, ypre = k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_ypre=store_ypre)
+    return y, su, ypre
 
 
-def fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+def fused_backward(dy, x, weight, lora_A, lora_B, su, ypre, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
                    need_dx, need_da, need_db, need_dmag):
     """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
 
-    dy [M, N]; x [M, K] (for dA); u [M, r] (for dB); ypre [M, N] (for dmagnitude);
+    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); ypre [M, N] (for dmagnitude);
     scale [N] and norm [N] fp32 (the forward's). Gradients come in their parameters' dtypes.
     """
     k = _kernels()
@@ -245,11 +246,11 @@ def fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitud
         if need_da:
             da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
     if need_dmag or need_db:
-        dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, u, need_dmag, need_db, adapter_dtype=lora_B.dtype)
+        dmag_raw, db_raw = k.magnitude_and_B_grads(dy, ypre, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
         if need_dmag:
             dmag = (dmag_raw / norm.float().clamp_min(NORM_EPS)).to(magnitude_dtype)
         if need_db:
-            dbb = ((scaling * scale)[:, None] * db_raw).to(lora_B.dtype)
+            dbb = (scale[:, None] * db_raw).to(lora_B.dtype)  # su already carries the scaling
     return dx, da, dbb, dmag
 
 
@@ -275,12 +276,12 @@ class FusedDoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape):
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
-        y, u, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+        y, su, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
                                    store_ypre=need_dmag)
         # saved: only what the needed gradients read; c = magnitude / norm is re-formed in the
         # backward rather than saved (magnitude is a parameter: saving it costs no memory)
         ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B,
-                              u if need_db else None, ypre, magnitude, norm)
+                              su if need_db else None, ypre, magnitude, norm)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.magnitude_dtype = scaling, dropout_p, seed, magnitude.dtype
         # shaped here, so the caller gets the Function's own output rather than a view of it
         # (FSDP2 hooks warn about modules that return views)
@@ -288,11 +289,11 @@ class FusedDoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, lora_A, lora_B, u, ypre, magnitude, norm = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, su, ypre, magnitude, norm = ctx.saved_tensors
         dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
         scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, as in the forward's epilogue
         need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
-        dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, u, ypre, scale, norm, ctx.magnitude_dtype,
+        dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, su, ypre, scale, norm, ctx.magnitude_dtype,
                                           ctx.scaling, ctx.dropout_p, ctx.seed, need_dx, need_da, need_db, need_dmag)
         dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
         return dx, dw, dbias, da, db, dmag, None, None, None, None, None

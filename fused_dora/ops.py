@@ -31,10 +31,10 @@ def _(weight, lora_A, lora_B, scaling):
 def dora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
              norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_ypre: bool
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [M, N], u [M, r] in lora_A's dtype, ypre [M, N] or [0]) for 2-D x [M, K]."""
-    y, u, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
-                               int(seed.item()), store_ypre)
-    return y, u, (ypre if ypre is not None else x.new_empty((0,)))
+    """(y [M, N], su [M, r] in lora_A's dtype, ypre [M, N] or [0]) for 2-D x [M, K]."""
+    y, su, ypre = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
+                                int(seed.item()), store_ypre)
+    return y, su, (ypre if ypre is not None else x.new_empty((0,)))
 
 
 @dora_fwd.register_fake
@@ -46,20 +46,19 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed
 
 @torch.library.custom_op("fused_dora::dora_bwd", mutates_args=())
 def dora_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-             u: Optional[Tensor],
-             ypre: Tensor, scale: Tensor, norm: Tensor, scaling: float, dropout_p: float, seed: Tensor,
+             su: Optional[Tensor], ypre: Tensor, scale: Tensor, norm: Tensor, scaling: float, dropout_p: float, seed: Tensor,
              need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed.
 
-    x may be None unless need_da, u None unless need_db (the forward saved only what is needed).
+    x may be None unless need_da, su None unless need_db (the forward saved only what is needed).
     """
-    grads = fused_backward(narrow_column_offsets(dy), x, weight, lora_A, lora_B, u, ypre, scale, norm, magnitude.dtype, scaling,
-                           dropout_p, int(seed.item()), need_dx, need_da, need_db, need_dmag)
+    grads = fused_backward(narrow_column_offsets(dy), x, weight, lora_A, lora_B, su, ypre, scale, norm, magnitude.dtype,
+                           scaling, dropout_p, int(seed.item()), need_dx, need_da, need_db, need_dmag)
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @dora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, u, ypre, scale, norm, scaling, dropout_p, seed,
+def _(dy, x, weight, lora_A, lora_B, magnitude, su, ypre, scale, norm, scaling, dropout_p, seed,
       need_dx, need_da, need_db, need_dmag):
     empty = dy.new_empty((0,))
     return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else empty,
@@ -70,23 +69,23 @@ def _(dy, x, weight, lora_A, lora_B, magnitude, u, ypre, scale, norm, scaling, d
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_ypre = inputs
-    y, u, ypre = output
+    y, su, ypre = output
     need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
     # as FusedDoraFunction: only what the needed gradients read (ypre is [0] unless store_ypre)
     ctx.save_for_backward(x if (need_da or need_dw) else None, weight, bias, lora_A, lora_B, magnitude,
-                          u if need_db else None, ypre, norm, seed)
+                          su if need_db else None, ypre, norm, seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.mark_non_differentiable(u, ypre)
+    ctx.mark_non_differentiable(su, ypre)
 
 
 def _backward(ctx, dy, _du, _dypre):
-    x, weight, bias, lora_A, lora_B, magnitude, u, ypre, norm, seed = ctx.saved_tensors
+    x, weight, bias, lora_A, lora_B, magnitude, su, ypre, norm, seed = ctx.saved_tensors
     need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
     scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32
     if need_dmag and ypre.numel() != dy.numel():
         raise RuntimeError("fused_dora::dora_fwd was called with store_ypre=False, so it cannot give the "
                            "magnitude gradient; pass store_ypre=True when magnitude requires grad")
-    dx, da, db, dmag = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, u, ypre, scale, norm, ctx.scaling,
+    dx, da, db, dmag = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, ypre, scale, norm, ctx.scaling,
                                 ctx.dropout_p, seed, need_dx, need_da, need_db, need_dmag)
     dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
     return (dx if need_dx else None, dw, dbias, da if need_da else None, db if need_db else None,

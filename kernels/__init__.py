@@ -2,7 +2,8 @@
 
 Importable as ``fused_dora.kernels`` (the folder ships inside the package namespace).
 Every launcher takes plain tensors, checks nothing the public API has already checked, and
-returns fp32 intermediates or outputs in the activation dtype; see each function's docstring.
+returns fp32 partial sums, intermediates in the adapters' dtype, or outputs in the activation
+dtype; see each function's docstring.
 """
 from ._launch import INTERPRET
 from .norm import dora_row_norm

@@ -1,7 +1,7 @@
 """Adapter-gradient kernels: column reductions over the M tokens.
 
     dmag_raw = sum_m dy * ypre                   [N]     (launcher divides by n)
-    dB_raw   = dy.T @ u                          [N, r]  (launcher scales by s * c)
+    dB_raw   = dy.T @ su                         [N, r]  (su = s * u; launcher scales by c)
     dA_raw   = v.T @ dropout(x)                  [r, K]  (launcher scales by s)
 
 dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid
@@ -32,11 +32,11 @@ def _slice_bounds(M, M_SPLITS):
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
           key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
-          # dy and ypre tiles, and the u tile (counted at fp32)
+          # dy and ypre tiles, and the su tile (counted at fp32: an upper bound)
           stage_bytes=lambda a: a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]))
 @triton.jit
 def _magnitude_and_B_grad_kernel(
-    dy_ptr, ypre_ptr, u_ptr, dmag_ptr, db_ptr,   # dy, ypre [M, N]; u [M, R]; dmag [S, N]; db [S, N, R]
+    dy_ptr, ypre_ptr, su_ptr, dmag_ptr, db_ptr,   # dy, ypre [M, N]; su [M, R]; dmag [S, N]; db [S, N, R]
     M, N, R, M_SPLITS,
     stride_dym, stride_dyn,
     COMPUTE_MAG: tl.constexpr, COMPUTE_B: tl.constexpr,
@@ -66,8 +66,8 @@ def _magnitude_and_B_grad_kernel(
                                mask=row_ok[:, None] & out_ok[None, :], other=0.0)
                 dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
         if COMPUTE_B:
-            u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = tl.dot(tl.trans(dy.to(dtype)), u.to(dtype), db, input_precision=PRECISION)
+            su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            db = tl.dot(tl.trans(dy.to(dtype)), su.to(dtype), db, input_precision=PRECISION)
     split = tl.program_id(2)
     if COMPUTE_MAG:
         if mag_here:
@@ -76,20 +76,20 @@ def _magnitude_and_B_grad_kernel(
         tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
 
 
-def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
+def magnitude_and_B_grads(dy, ypre, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
                           adapter_dtype: torch.dtype = torch.float32):
     """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
 
     dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
-    u [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ u.
+    su [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ su.
     splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
-    adapter_dtype (lora_B's) picks the precision of dy.T @ u (see _launch.lora_precision).
+    adapter_dtype (lora_B's) picks the precision of dy.T @ su (see _launch.lora_precision).
     """
     M, N = dy.shape
     upcast, precision = lora_precision(dy.dtype, adapter_dtype)
-    if not compute_B:  # u is not needed (and may be None): a dummy rank, no rank chunks
-        u = dy
-    R = u.shape[1] if compute_B else 1
+    if not compute_B:  # su is not needed (and may be None): a dummy rank, no rank chunks
+        su = dy
+    R = su.shape[1] if compute_B else 1
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR) if compute_B else 1
     splits = splits or split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
@@ -97,7 +97,7 @@ def magnitude_and_B_grads(dy, ypre, u, compute_mag: bool, compute_B: bool, split
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
     _magnitude_and_B_grad_kernel[grid](
-        dy, ypre if compute_mag else dy, u, dmag if compute_mag else dy, db if compute_B else dy,
+        dy, ypre if compute_mag else dy, su, dmag if compute_mag else dy, db if compute_B else dy,
         M, N, R, splits, dy.stride(0), dy.stride(1),
         COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )

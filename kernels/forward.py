@@ -1,7 +1,7 @@
 """Forward kernels: the LoRA down-projection and the fused DoRA GEMM.
 
-    u    = dropout(x) @ A.T                     lora_down     [M, r] in the adapters' dtype, unscaled
-    ypre = x @ W.T + s * u @ B.T                dora_forward  (r extra K-steps in the same GEMM)
+    su   = s * dropout(x) @ A.T                 lora_down     [M, r] in the adapters' dtype
+    ypre = x @ W.T + su @ B.T                   dora_forward  (r extra K-steps in the same GEMM)
     y    = c * ypre + bias                      dora_forward  epilogue, one write of y
 
 The dropout mask is regenerated from `seed` (see dropout.py) and never stored.
@@ -26,10 +26,10 @@ _DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
           * (4 if a["UPCAST"] else a["x_ptr"].element_size()))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, u_ptr,                 # x [M, K], A [R, K], u [M, R] (A's dtype)
+    x_ptr, a_ptr, su_ptr,                # x [M, K], A [R, K], su [M, R] (A's dtype)
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak,
-    seed, p,
+    scaling, seed, p,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -52,31 +52,32 @@ def _lora_down_kernel(
         a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
         acc = tl.dot(x.to(dtype), a_t.to(dtype), acc, input_precision=PRECISION)
-    # rounded to the adapters' dtype, as PEFT's lora_A output is: with 16-bit adapters u is saved
-    # for the backward at LoRA's size
-    tl.store(u_ptr + rows[:, None] * R + ranks[None, :], acc.to(u_ptr.dtype.element_ty),
+    # scaled here, then rounded once to the adapters' dtype (as PEFT rounds lora_A's output): with
+    # 16-bit adapters su is saved for the backward at the size of PEFT LoRA's [M, r]
+    tl.store(su_ptr + rows[:, None] * R + ranks[None, :], (acc * scaling).to(su_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """u [M, r] = dropout(x) @ lora_A.T, unscaled, in lora_A's dtype (accumulated in fp32).
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+              seed: int = 0) -> torch.Tensor:
+    """su [M, r] = scaling * dropout(x) @ lora_A.T in lora_A's dtype (accumulated in fp32).
 
     x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (fp32 or x's dtype).
     dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
     """
     M, K = x.shape
     R = lora_A.shape[0]
-    u = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
+    su = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
     BR = block_r(R)
     upcast, precision = lora_precision(x.dtype, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_down_kernel[grid](
-        x, lora_A, u, M, K, R, m_bucket(M),
+        x, lora_A, su, M, K, R, m_bucket(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        int(seed), float(dropout_p),
+        float(scaling), int(seed), float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
-    return u
+    return su
 
 
 _GEMM_GPU_CONFIGS = [
@@ -109,10 +110,10 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
           stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * a["x_ptr"].element_size())
 @triton.jit
 def _dora_forward_kernel(
-    x_ptr, w_ptr, u_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, ypre_ptr,
+    x_ptr, w_ptr, su_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, ypre_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
-    scaling, norm_eps,
+    norm_eps,
     HAS_BIAS: tl.constexpr, STORE_YPRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
@@ -133,15 +134,15 @@ def _dora_forward_kernel(
         w_t = tl.load(w_ptr + outs[None, :] * stride_wn + cols[:, None] * stride_wk,
                       mask=out_ok[None, :] & col_ok[:, None], other=0.0)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
-    # LoRA up-projection as r extra K-steps, (s * u) @ B.T; not software-pipelined (num_stages=1):
+    # LoRA up-projection as r extra K-steps, su @ B.T; not software-pipelined (num_stages=1):
     # a few steps only, and pipelining them would hold extra fp32 tiles in shared memory
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        u = tl.load(u_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
-        acc = tl.dot((u.to(tl.float32) * scaling).to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
@@ -157,28 +158,27 @@ def _dora_forward_kernel(
     tl.store(y_ptr + out_offsets, y.to(dtype), mask=out_mask)
 
 
-def dora_forward(x, weight, u, lora_B, magnitude, norm, bias, scaling: float, norm_eps: float,
-                 store_ypre: bool = False):
-    """y [M, N] (x's dtype) = c * (x @ weight.T + scaling * u @ lora_B.T) + bias.
+def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_ypre: bool = False):
+    """y [M, N] (x's dtype) = c * (x @ weight.T + su @ lora_B.T) + bias.
 
-    x [M, K] (any strides), weight [N, K] (x's dtype), u [M, r] contiguous (lora_down's),
+    x [M, K] (any strides), weight [N, K] (x's dtype), su [M, r] contiguous (lora_down's),
     lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
     c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
     With store_ypre, also returns ypre [M, N] (x's dtype), the pre-scale output, else None.
     """
     M, K = x.shape
     N = weight.shape[0]
-    R = u.shape[1]
+    R = su.shape[1]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     ypre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_ypre else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _dora_forward_kernel[grid](
-        x, weight, u, lora_B, magnitude.contiguous(), norm.float().contiguous(),
+        x, weight, su, lora_B, magnitude.contiguous(), norm.float().contiguous(),
         bias.contiguous() if bias is not None else norm,
         y, ypre if store_ypre else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling), float(norm_eps),
+        float(norm_eps),
         HAS_BIAS=bias is not None, STORE_YPRE=store_ypre, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
     )
     return y, ypre

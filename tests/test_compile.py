@@ -8,19 +8,23 @@ from fused_dora import FusedDoraLinear, ops
 from helpers import DEVICE, make_inputs, rel_err
 
 
-def _op_args(store_ypre=True, p=0.0):
+def _op_args(store_ypre=True, p=0.0, trainable=("x", "lora_A", "lora_B")):
     t = make_inputs(13, 20, 11, 3, seed=1)
     norm = fused_dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.5)
-    for k in ("x", "lora_A", "lora_B") + (("magnitude",) if store_ypre else ()):
+    for k in tuple(trainable) + (("magnitude",) if store_ypre else ()):
         t[k].requires_grad_()
     return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], norm, 1.5, p,
             torch.tensor([7], dtype=torch.int64), store_ypre)
 
 
-@pytest.mark.parametrize("store_ypre", [True, False])
-def test_opcheck_forward(store_ypre):
+@pytest.mark.parametrize("store_ypre, trainable", [
+    (True, ("x", "lora_A", "lora_B")), (False, ("x", "lora_A", "lora_B")),
+    # subsets: the forward saves no x / su, and the backward gets None for them
+    (False, ("x",)), (False, ("lora_A",)), (False, ("lora_B",)), (True, ()),
+], ids=["all", "no-magnitude", "x", "A", "B", "magnitude"])
+def test_opcheck_forward(store_ypre, trainable):
     # test_aot_dispatch_dynamic is slow and adds nothing for an op with static output shapes
-    torch.library.opcheck(ops.dora_fwd, _op_args(store_ypre), test_utils=(
+    torch.library.opcheck(ops.dora_fwd, _op_args(store_ypre, trainable=trainable), test_utils=(
         "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -36,7 +36,7 @@ def _saved(bench, case, name):
 @pytest.mark.parametrize("mode", ["train0", "train05"])
 @pytest.mark.parametrize("dtype", ["fp16+fp32", "fp16", "fp32"])
 def test_saved_for_backward_at_most_lora_plus_one_output(bench, mode, dtype):
-    """T9: fused_dora saves x, u [M, r] and ypre [M, N]; PEFT LoRA saves x (or its fp32 copy) and
+    """T9: fused_dora saves x, su [M, r] and ypre [M, N]; PEFT LoRA saves x (or its fp32 copy) and
     its own [M, r] (plus the dropout mask and the dropped x): at most one [M, N] tensor more."""
     pytest.importorskip("peft")
     M, r = 40, 16
@@ -44,7 +44,7 @@ def test_saved_for_backward_at_most_lora_plus_one_output(bench, mode, dtype):
     fused, data = _saved(bench, case, "fused")
     lora, _ = _saved(bench, case, "peft_lora")
     act, ad = data.act.itemsize, data.ad.itemsize
-    assert fused == M * case.K * act + M * r * ad + M * case.N * act  # x, u, ypre: nothing else
+    assert fused == M * case.K * act + M * r * ad + M * case.N * act  # x, su, ypre: nothing else
     assert fused <= lora + M * case.N * act
 
 
@@ -71,24 +71,27 @@ def _eager_op(x, weight, bias, lora_A, lora_B, magnitude, norm):
     return fused_dora.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, 2.0, backend="triton", norm=norm)
 
 
-def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # what torch.compile calls
+def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # the ops torch.compile calls, run eagerly
     return ops.dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, 0.0)
 
 
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16], ids=["fp32-adapters", "fp16-adapters"])
 @pytest.mark.parametrize("path", [_eager_op, _library_op], ids=["function", "custom_op"])
 @pytest.mark.parametrize("trainable, expect", [
-    (("x", "lora_A", "lora_B", "magnitude"), ("x", "u", "ypre")),
+    (("x", "lora_A", "lora_B", "magnitude"), ("x", "su", "ypre")),
     (("x",), ()),                      # frozen adapters: dx reads weight, lora_B, lora_A, c only
-    (("lora_B",), ("u",)),
+    (("lora_B",), ("su",)),
     (("lora_A",), ("x",)),
     (("magnitude",), ("ypre",)),
-], ids=["all", "x", "B", "A", "magnitude"])
-def test_saves_only_what_the_needed_gradients_read(path, trainable, expect):
-    """Both routes (eager autograd.Function and the torch.library op used under torch.compile)."""
+    (("weight",), ("x",)),             # a trainable base weight (not DoRA, but allowed) reads x
+], ids=["all", "x", "B", "A", "magnitude", "weight"])
+def test_saves_only_what_the_needed_gradients_read(path, trainable, expect, adapter_dtype):
+    """Both routes (eager autograd.Function and the torch.library op used under torch.compile);
+    su [M, r] is kept in the adapters' dtype."""
     M, K, N, r = 24, 40, 32, 8
-    inputs = make_inputs(M, K, N, r, dtype=torch.float16, adapter_dtype=torch.float32, seed=3)
+    inputs = make_inputs(M, K, N, r, dtype=torch.float16, adapter_dtype=adapter_dtype, seed=3)
     inputs["norm"] = fused_dora.dora_weight_norm(inputs["weight"], inputs["lora_A"], inputs["lora_B"], 2.0)
-    size = {"x": M * K * 2, "u": M * r * 4, "ypre": M * N * 2}
+    size = {"x": M * K * 2, "su": M * r * adapter_dtype.itemsize, "ypre": M * N * 2}
     seed = 8 if path is _library_op else 0  # the op's dropout seed, a 1-element int64 tensor
     assert _op_saved_bytes(path, inputs, trainable) == sum(size[k] for k in expect) + seed
 
