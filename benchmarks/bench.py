@@ -654,6 +654,10 @@ class Competitor:
     context: Callable = contextlib.nullcontext
     traceable: bool = True  # saved_tensors_hooks / dispatch-mode figures are meaningful
     kept: Callable[[], list] = list  # state kept between calls (not "saved for backward"); see saved_bytes
+
+    def owned_storages(self) -> set:
+        """Storages of its parameters and frozen tensors: never counted as saved or as temporaries."""
+        return {_storage_key(t)[0] for t in self.params + self.frozen}
     computes_dora: bool = True  # output comparable with the DoRA reference
     note: str = ""
 
@@ -964,7 +968,7 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
                 if case.mode != "norm":  # host-clock throughput: shows launch-bound (CPU-bound) paths
                     res["wall_ms"] = timer.wall(call, pool, n=int(min(30, max(3, 40.0 / max(res["ms"], 1e-3)))))
                 res["peak_mib"] = timer.peak_mib(call, reset)
-                exclude = {_storage_key(t)[0] for t in comp.params + comp.frozen}
+                exclude = comp.owned_storages()
                 if case.training and comp.traceable:
                     reset()
                     res["saved_mib"] = saved_bytes(comp.fwd, data.xs[0], exclude, comp.kept) / 2**20
@@ -1289,6 +1293,15 @@ def _x(v) -> str:
     return _f(v, "{:.2f}x")
 
 
+def _md_row(cells: List[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _fused_ms_cell(fr: dict) -> str:
+    """The fused time, or why there is none (its status)."""
+    return _f(fr.get("ms")) if fr.get("status") == "ok" else fr.get("status", "-")
+
+
 def _judged(check_id: str, smoke: bool) -> bool:
     """Whether this run can judge the target: a CPU smoke run only judges byte counts."""
     return not smoke or CHECK_BY_ID[check_id].counts_bytes
@@ -1338,15 +1351,15 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
         for row in layer:
             res, m = row["results"], row["metrics"]
             fr = res.get("fused", {})
-            fused_ms = _f(fr.get("ms")) if fr.get("status") == "ok" else fr.get("status", "-")
-            L.append("| " + " | ".join([
+            fused_ms = _fused_ms_cell(fr)
+            L.append(_md_row([
                 row["key"], fused_ms, _f(_ms(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("wall_ratio_floor")),
                 _x(m.get("x_peft_dora")),
                 _x(m.get("x_peft_lora")), _x(m.get("x_eager")), _f(m.get("tflops"), "{:.0f}"),
                 f"{_f(fr.get('peak_mib'), '{:.0f}')} / {_f(res.get('peft_dora', {}).get('peak_mib'), '{:.0f}')}",
                 f"{_f(fr.get('saved_mib'), '{:.3g}')} / {_f(res.get('peft_lora', {}).get('saved_mib'), '{:.3g}')} / "
                 f"{_f(res.get('peft_dora', {}).get('saved_mib'), '{:.3g}')}",
-                _f(fr.get("err"), "{:.1e}"), _verdicts(row, smoke)]) + " |")
+                _f(fr.get("err"), "{:.1e}"), _verdicts(row, smoke)]))
         L.append("")
     if norm:
         L.append("## The norm ||W + s*B@A|| (one pass over W)")
@@ -1357,14 +1370,14 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
         for row in norm:
             res, m = row["results"], row["metrics"]
             fr = res.get("fused", {})
-            fused_ms = _f(fr.get("ms")) if fr.get("status") == "ok" else fr.get("status", "-")
+            fused_ms = _fused_ms_cell(fr)
             gbs = f"{_f(m.get('norm_gbs'), '{:.0f}')} ({_f(m.get('bw_frac') and 100 * m['bw_frac'], '{:.0f}')}%)"
-            L.append("| " + " | ".join([
+            L.append(_md_row([
                 row["key"], fused_ms, _f(_ms(res, "floor")), gbs,
                 _f(m.get("norm_frac_fwd") and 100 * m["norm_frac_fwd"], "{:.1f}%"),
                 _f(_ms(res, "peft_dora")), _f(_ms(res, "eager_dense")), _f(_ms(res, "ref_eager")),
                 f"{_f(fr.get('peak_mib'), '{:.0f}')} / {_f(res.get('peft_dora', {}).get('peak_mib'), '{:.0f}')}",
-                _verdicts(row, smoke)]) + " |")
+                _verdicts(row, smoke)]))
         L.append("")
     if models:
         L.append("## Whole model")
@@ -1376,9 +1389,9 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
             pd, pl = _ms(res, "peft_dora"), _ms(res, "peft_lora")
             for name, r in res.items():
                 t = r.get("ms")
-                L.append("| " + " | ".join([
+                L.append(_md_row([
                     row["key"], name, _f(t, "{:.1f}"), _f(r.get("tokens_per_s"), "{:.0f}"), _f(r.get("peak_gib"), "{:.2f}"),
-                    _x(pd / t if (pd and t) else None), _x(t / pl if (pl and t) else None), r.get("status", "")]) + " |")
+                    _x(pd / t if (pd and t) else None), _x(t / pl if (pl and t) else None), r.get("status", "")]))
             L.append(f"| {row['key']} | **targets** | | | | | | {_verdicts(row, smoke)} |")
         L.append("")
     L.append("## Targets")
@@ -1413,12 +1426,12 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
         for name, r in res.items():
             t = r.get("ms")
             tf = c.flops(name) / (t * 1e-3) / 1e12 if (t and c.mode != "norm" and name != "linear_fwd") else None
-            L.append("| " + " | ".join([
+            L.append(_md_row([
                 row["key"], name, _f(t), f"{_f(r.get('p20'))}-{_f(r.get('p80'))}" if "p20" in r else "-",
                 _f(r.get("reps"), "{}"), _f(r.get("wall_ms")), _x(t / fl if (t and fl) else None), _f(tf, "{:.0f}"),
                 _f(r.get("peak_mib"), "{:.0f}"), _f(r.get("saved_mib"), "{:.4g}"),
                 _f(r.get("dense_tmp"), "{}") + (f" ({r['dense_tmp_mib']:.0f} MiB)" if r.get("dense_tmp") else ""),
-                _f(r.get("err"), "{:.1e}"), r.get("status", "")]) + " |")
+                _f(r.get("err"), "{:.1e}"), r.get("status", "")]))
     skipped = meta.get("skipped_cases") or []
     if skipped:
         L.append("")
@@ -1442,19 +1455,19 @@ def summary_table(rows: List[dict], smoke: bool) -> str:
         if mode in ("model", "paper"):
             fv = m.get("fused_variant", "fused_peft")
             fr = res.get(fv, {})
-            L.append("| " + " | ".join([
+            L.append(_md_row([
                 row["key"] + f" [{fv}]", _f(fr.get("ms"), "{:.1f}") if fr.get("ms") else fr.get("status", "-"),
                 "-", "-", _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), "-",
-                _x(m.get("peak_vs_peft_dora")), _verdicts(row, smoke)]) + " |")
+                _x(m.get("peak_vs_peft_dora")), _verdicts(row, smoke)]))
             continue
         fr = res.get("fused", {})
         pk = None
         if fr.get("peak_mib") is not None and res.get("peft_dora", {}).get("peak_mib"):
             pk = fr["peak_mib"] / res["peft_dora"]["peak_mib"]
-        L.append("| " + " | ".join([
-            row["key"], _f(fr.get("ms")) if fr.get("status") == "ok" else fr.get("status", "-"),
+        L.append(_md_row([
+            row["key"], _fused_ms_cell(fr),
             _f(_ms(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")),
-            _x(m.get("x_eager")), _x(pk), _verdicts(row, smoke)]) + " |")
+            _x(m.get("x_eager")), _x(pk), _verdicts(row, smoke)]))
     return "\n".join(L)
 
 

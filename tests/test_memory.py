@@ -29,7 +29,7 @@ def bench():
 def _saved(bench, case, name):
     data = bench.make_data(case, torch.device("cpu"))
     comp = bench.build_competitor(name, data)
-    exclude = {bench._storage_key(t)[0] for t in comp.params + comp.frozen}
+    exclude = comp.owned_storages()
     return bench.saved_bytes(comp.fwd, data.xs[0], exclude, comp.kept), data
 
 
@@ -48,23 +48,14 @@ def test_saved_for_backward_at_most_lora_plus_one_output(bench, mode, dtype):
     assert fused <= lora + M * case.N * act
 
 
-def _op_saved_bytes(fn, inputs, trainable):
-    """Bytes of the storages saved in fn(**leaves) other than the parameters' and the norm's;
+def _op_saved_bytes(bench, fn, inputs, trainable):
+    """Bytes saved in fn(**leaves) other than the parameters' and the norm's (bench.saved_bytes);
     leaves in `trainable` require grad."""
     leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None)
               for k, v in inputs.items()}
-    params = {v.untyped_storage().data_ptr() for k, v in leaves.items() if v is not None and k != "x"}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(**leaves)
-    return sum(seen.values())
+    x = leaves.pop("x")
+    exclude = {bench._storage_key(v)[0] for v in leaves.values() if v is not None}
+    return bench.saved_bytes(lambda x: fn(x=x, **leaves), x, exclude)
 
 
 def _eager_op(x, weight, bias, lora_A, lora_B, magnitude, norm):
@@ -85,7 +76,7 @@ def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # the ops to
     (("magnitude",), ("ypre",)),
     (("weight",), ("x",)),             # a trainable base weight (not DoRA, but allowed) reads x
 ], ids=["all", "x", "B", "A", "magnitude", "weight"])
-def test_saves_only_what_the_needed_gradients_read(path, trainable, expect, adapter_dtype):
+def test_saves_only_what_the_needed_gradients_read(bench, path, trainable, expect, adapter_dtype):
     """Both routes (eager autograd.Function and the torch.library op used under torch.compile);
     su [M, r] is kept in the adapters' dtype."""
     M, K, N, r = 24, 40, 32, 8
@@ -93,7 +84,7 @@ def test_saves_only_what_the_needed_gradients_read(path, trainable, expect, adap
     inputs["norm"] = fused_dora.dora_weight_norm(inputs["weight"], inputs["lora_A"], inputs["lora_B"], 2.0)
     size = {"x": M * K * 2, "su": M * r * adapter_dtype.itemsize, "ypre": M * N * 2}
     seed = 8 if path is _library_op else 0  # the op's dropout seed, a 1-element int64 tensor
-    assert _op_saved_bytes(path, inputs, trainable) == sum(size[k] for k in expect) + seed
+    assert _op_saved_bytes(bench, path, inputs, trainable) == sum(size[k] for k in expect) + seed
 
 
 def test_no_dense_weight_sized_temporary_at_high_rank(bench):
@@ -107,7 +98,7 @@ def test_no_dense_weight_sized_temporary_at_high_rank(bench):
         for name in ("fused", "eager_dense"):
             comp = bench.build_competitor(name, data)
             call, _ = bench.make_call(data, comp)
-            exclude = {bench._storage_key(t)[0] for t in comp.params + comp.frozen}
+            exclude = comp.owned_storages()
             counts[mode, name] = bench.count_dense_temporaries(lambda: call(0), case.N, case.K, exclude)[0]
     assert counts["train0", "fused"] == 0 and counts["norm", "fused"] == 0
     assert counts["train0", "eager_dense"] > 0 and counts["norm", "eager_dense"] > 0
