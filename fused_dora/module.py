@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import BACKENDS, dora_linear, dora_weight_norm
+from .functional import BACKENDS, dora_linear
+from .norm_cache import NormCache
 from .reference import magnitude_scale
 
 
@@ -17,39 +18,25 @@ def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def version_stamp(t: torch.Tensor):
-    """What identifies a tensor's current contents without reading them (None: untrackable)."""
-    if t.is_inference():  # inference tensors have no version counter
-        return None
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-class NormCache:
-    """The detached row norm of W + s * B @ A, recomputed only when its inputs change.
-
-    Keyed on the version counters and storages of weight, lora_A, lora_B (see version_stamp),
-    the scaling and an optional tag (e.g. the adapter's name), so it is computed once per
-    optimizer step in training and once in inference. Inference tensors have no version
-    counter: their norm is never cached. While torch.compile traces, it is computed in-graph.
-    Writes through ``.data`` bypass version counters: call :meth:`clear` after those.
-    """
-
-    def __init__(self):
-        self._entry = None
-
-    def clear(self) -> None:
-        self._entry = None
-
-    def get(self, weight, lora_A, lora_B, scaling, backend, tag=None) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # no storage pointers to key on while tracing
-            return dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
-        stamps = (version_stamp(weight), version_stamp(lora_A), version_stamp(lora_B))
-        key = (tag, stamps, scaling)
-        if self._entry is not None and self._entry[0] == key:
-            return self._entry[1]
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
-        self._entry = None if None in stamps else (key, norm)
-        return norm
+def check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora) -> None:
+    """TypeError for a wrong type, ValueError for a wrong value, naming the argument."""
+    _check_positive_int("r", r)
+    for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not math.isfinite(float(lora_alpha)):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
 
 
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
@@ -58,6 +45,20 @@ def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
         with torch.no_grad():
             state_dict[prefix + "weight"] = module._unmerged_weight()
     return state_dict
+
+
+def _unmerge_before_load(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                         error_msgs):
+    """load_state_dict pre-hook: a checkpoint holds the unmerged weight (see _save_unmerged_weight),
+    so a merged layer is unmerged first and merged again after loading (_remerge_after_load)."""
+    if module.merged:
+        module.unmerge()
+        module._remerge_after_load = True
+
+
+def _remerge_after_load(module, incompatible_keys) -> None:
+    if module.__dict__.pop("_remerge_after_load", False):
+        module.merge()
 
 
 class FusedDoraLinear(nn.Module):
@@ -71,10 +72,15 @@ class FusedDoraLinear(nn.Module):
     Adapters are created in ``adapter_dtype`` (default: fp32 for a half-precision ``dtype``,
     as PEFT does, else ``dtype``). ``backend`` is passed to :func:`fused_dora.dora_linear`.
 
-    The row norm is cached and reused while weight, lora_A, lora_B and scaling are unchanged
-    (checked through tensor version counters and storage pointers on every call), so it is
-    computed once per optimizer step in training and once in inference. Writes through
-    ``.data`` bypass version counters: after those call :meth:`clear_norm_cache`.
+    The row norm is computed in every training forward (whatever optimizer updates the
+    adapters, the norm is the current one) and cached for other forwards (eval, no_grad) while
+    weight, lora_A, lora_B and scaling are provably unchanged: see :mod:`fused_dora.norm_cache`.
+    Writes through ``.data`` outside a ``torch.optim`` step and followed by no training forward
+    are not seen by that cache: call :meth:`clear_norm_cache` after those.
+
+    A merged layer (:meth:`merge`) stays usable through ``.to()`` / ``.half()`` (it is unmerged,
+    cast and merged again), ``state_dict()`` (it holds the unmerged weight) and
+    ``load_state_dict()`` (the checkpoint's DoRA function is loaded, then merged again).
     """
 
     def __init__(
@@ -93,20 +99,9 @@ class FusedDoraLinear(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        if not math.isfinite(float(lora_alpha)):
-            raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features", out_features)
+        check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -130,6 +125,8 @@ class FusedDoraLinear(nn.Module):
         self._norm_cache = NormCache()
         self._merge_state = None
         self._register_state_dict_hook(_save_unmerged_weight)
+        self._register_load_state_dict_pre_hook(_unmerge_before_load, with_module=True)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
         self.reset_parameters()
 
     # ---- construction -------------------------------------------------------------------
@@ -205,7 +202,15 @@ class FusedDoraLinear(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_norm_cache()  # .to() / .cuda() / .half() move or recast the parameters
-        return super()._apply(fn, *args, **kwargs)
+        if not self.merged:
+            return super()._apply(fn, *args, **kwargs)
+        # a cast rounds the merged weight and the adapters apart, after which the base weight
+        # could no longer be recovered: move or cast the unmerged layer, then merge it again
+        self.unmerge()
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self.merge()
 
     # ---- forward, merge -----------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ function as PEFT's DoRA layer from these three tensors (same scaling, same magni
 """
 import collections
 import math
-import numbers
 import os
 import re
 import warnings
@@ -22,9 +21,11 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .module import FusedDoraLinear
+from .module import FusedDoraLinear, check_adapter_hparams
 
-ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output layer
+# PEFT's shorthand: every nn.Linear except the output layer (and, here, those whose weight torch
+# reads directly: see _read_directly)
+ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
@@ -68,38 +69,43 @@ def _output_layer(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+def _read_directly(model: nn.Module, name: str) -> Optional[str]:
+    """Why the module ``name`` is an nn.Linear whose weight torch reads directly, bypassing its
+    forward (and so any adapter put in its place), or None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        return f"{name}: nn.TransformerEncoderLayer's eval fast path reads {child}.weight directly"
+    return None
+
+
 def _find_targets(model: nn.Module, targets) -> list:
-    """[(name, nn.Linear)] to replace; raises ValueError for matched modules that are no plain nn.Linear."""
+    """[(name, nn.Linear)] to replace; raises ValueError for matched modules that are no plain
+    nn.Linear or whose weight torch reads directly. ``"all-linear"`` leaves both kinds out."""
     if targets == ALL_LINEAR:
         output = _output_layer(model)
-        return [(n, m) for n, m in model.named_modules() if n and type(m) is nn.Linear and m is not output]
+        return [(n, m) for n, m in model.named_modules()
+                if n and type(m) is nn.Linear and m is not output and _read_directly(model, n) is None]
     found, bad = [], []
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
             continue
         if type(module) is nn.Linear:
-            found.append((name, module))
+            why = _read_directly(model, name)
+            if why is None:
+                found.append((name, module))
+            else:
+                bad.append(f"{why}, so an adapter there would be silently ignored")
         elif isinstance(module, FusedDoraLinear):
             bad.append(f"{name} (already a FusedDoraLinear)")
         else:
             # nn.Linear subclasses too: quantized layers, or MultiheadAttention.out_proj, whose
             # weight is read directly and would silently bypass the adapter
-            bad.append(f"{name} ({type(module).__name__})")
+            bad.append(f"{name} ({type(module).__name__}, not a plain torch.nn.Linear)")
     if bad:
-        raise ValueError("target_modules matched modules that are not plain torch.nn.Linear layers: "
-                         + ", ".join(bad) + ". Narrow target_modules (a suffix list or a regex that fullmatches).")
+        raise ValueError("target_modules matched modules that cannot take a FusedDoraLinear: " + "; ".join(bad)
+                         + ". Narrow target_modules (a suffix list or a regex that fullmatches).")
     return found
-
-
-def _check_hparams(r, lora_alpha, lora_dropout, use_rslora) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite real number, got {lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -135,8 +141,10 @@ def replace_linear(
     ``target_modules`` selects modules by name as PEFT does: a list of names or name suffixes
     (``"q_proj"`` matches ``"q_proj"`` and ``"model.layers.0.self_attn.q_proj"``), a regular
     expression string that must fullmatch the module name, or ``"all-linear"`` (every
-    ``nn.Linear`` except the model's output layer, as in PEFT). A matched module must be a plain
-    ``nn.Linear``. Each new layer shares its Linear's weight [out, in] and bias [out] (frozen)
+    ``nn.Linear`` except the model's output layer, as in PEFT, and those torch reads directly).
+    A matched module must be a plain ``nn.Linear`` whose weight torch does not read directly
+    (``linear1`` / ``linear2`` of ``nn.TransformerEncoderLayer``, whose eval fast path does,
+    raise a ValueError). Each new layer shares its Linear's weight [out, in] and bias [out] (frozen)
     and gets fresh adapters: lora_A [r, in] (Kaiming), lora_B [out, r] (zeros), magnitude [out]
     (row norms of the weight), so the model computes exactly what it did before.
     scaling = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``); ``lora_dropout`` applies
@@ -150,7 +158,7 @@ def replace_linear(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     targets = _check_target_modules(target_modules)
-    _check_hparams(r, lora_alpha, lora_dropout, use_rslora)
+    check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora)
     found = _find_targets(model, targets)
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matched no torch.nn.Linear module of "
@@ -295,6 +303,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
                                  f"has r={r}, scaling={scaling:g}")
         elif type(module) is not nn.Linear:
             raise ValueError(f"{name} is a {type(module).__name__}; load_adapter needs a FusedDoraLinear or an nn.Linear")
+        elif _read_directly(model, name) is not None:
+            raise ValueError(f"{_read_directly(model, name)}, so an adapter there would be silently ignored")
         out_f, in_f = module.out_features, module.in_features
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
         for attr, shape in expected.items():

@@ -1,6 +1,6 @@
 """Adapter-gradient kernels: column reductions over the M tokens.
 
-    dmag_raw = sum_m dy * ypre                   [N]     (launcher divides by n)
+    dmag_raw = sum_m dy * q                      [N]     (q = ypre * t: caller divides by t * n)
     dB_raw   = dy.T @ su                         [N, r]  (su = s * u; launcher scales by c)
     dA_raw   = v.T @ dropout(x)                  [r, K]  (launcher scales by s)
 
@@ -32,11 +32,11 @@ def _slice_bounds(M, M_SPLITS):
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
           key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
-          # dy and ypre tiles, and the su tile (counted at fp32: an upper bound)
+          # dy and q tiles, and the su tile (counted at fp32: an upper bound)
           stage_bytes=lambda a: a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]))
 @triton.jit
 def _magnitude_and_B_grad_kernel(
-    dy_ptr, ypre_ptr, su_ptr, dmag_ptr, db_ptr,   # dy, ypre [M, N]; su [M, R]; dmag [S, N]; db [S, N, R]
+    dy_ptr, q_ptr, su_ptr, dmag_ptr, db_ptr,      # dy, q [M, N]; su [M, R]; dmag [S, N]; db [S, N, R]
     M, N, R, M_SPLITS,
     stride_dym, stride_dyn,
     COMPUTE_MAG: tl.constexpr, COMPUTE_B: tl.constexpr,
@@ -62,9 +62,9 @@ def _magnitude_and_B_grad_kernel(
                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
         if COMPUTE_MAG:
             if mag_here:
-                ypre = tl.load(ypre_ptr + rows[:, None] * N + outs[None, :],
-                               mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-                dmag += tl.sum(dy.to(tl.float32) * ypre.to(tl.float32), axis=0)
+                q = tl.load(q_ptr + rows[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :],
+                            other=0.0)
+                dmag += tl.sum(dy.to(tl.float32) * q.to(tl.float32), axis=0)
         if COMPUTE_B:
             su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             db = tl.dot(tl.trans(dy.to(dtype)), su.to(dtype), db, input_precision=PRECISION)
@@ -76,12 +76,12 @@ def _magnitude_and_B_grad_kernel(
         tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
 
 
-def magnitude_and_B_grads(dy, ypre, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
+def magnitude_and_B_grads(dy, q, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
                           adapter_dtype: torch.dtype = torch.float32):
     """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
 
-    dy [M, N] (any strides), ypre [M, N] contiguous (needed only for compute_mag),
-    su [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * ypre; dB_raw = dy.T @ su.
+    dy [M, N] (any strides), q [M, N] contiguous (dora_forward's; needed only for compute_mag),
+    su [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * q; dB_raw = dy.T @ su.
     splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
     adapter_dtype (lora_B's) picks the precision of dy.T @ su (see _launch.lora_precision).
     """
@@ -97,7 +97,7 @@ def magnitude_and_B_grads(dy, ypre, su, compute_mag: bool, compute_B: bool, spli
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
     _magnitude_and_B_grad_kernel[grid](
-        dy, ypre if compute_mag else dy, su, dmag if compute_mag else dy, db if compute_B else dy,
+        dy, q if compute_mag else dy, su, dmag if compute_mag else dy, db if compute_B else dy,
         M, N, R, splits, dy.stride(0), dy.stride(1),
         COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )

@@ -3,9 +3,12 @@
     su   = s * dropout(x) @ A.T                 lora_down     [M, r] in the adapters' dtype
     ypre = x @ W.T + su @ B.T                   dora_forward  (r extra K-steps in the same GEMM)
     y    = c * ypre + bias                      dora_forward  epilogue, one write of y
+    q    = ypre * t,  t = pow2_floor(c)         dora_forward  epilogue, kept for dmagnitude
 
 The dropout mask is regenerated from `seed` (see dropout.py) and never stored.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -105,16 +108,16 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-@autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "K", "R", "STORE_YPRE", "PRECISION"],
+@autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "K", "R", "STORE_Q", "PRECISION"],
           # the x and W tiles of the main loop
           stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * a["x_ptr"].element_size())
 @triton.jit
 def _dora_forward_kernel(
-    x_ptr, w_ptr, su_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, ypre_ptr,
+    x_ptr, w_ptr, su_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr,
     M, N, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
-    HAS_BIAS: tl.constexpr, STORE_YPRE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -146,39 +149,60 @@ def _dora_forward_kernel(
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
-    if STORE_YPRE:  # saved for the magnitude gradient
-        tl.store(ypre_ptr + out_offsets, acc.to(dtype), mask=out_mask)
     # c = g / max(n, eps), correctly rounded like torch's division (reference.magnitude_scale)
     g = tl.load(mag_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)
-    n = tl.load(norm_ptr + outs, mask=out_ok, other=1.0)
-    scale = tl.math.div_rn(g, tl.maximum(n, norm_eps))
+    n = tl.maximum(tl.load(norm_ptr + outs, mask=out_ok, other=1.0), norm_eps)
+    scale = tl.math.div_rn(g, n)
+    if STORE_Q:  # saved for the magnitude gradient, which is sum over rows of dy * q / (t * n)
+        t = magnitude_grad_rescale(scale, n)
+        tl.store(q_ptr + out_offsets, (acc * t[None, :]).to(dtype), mask=out_mask)
     y = acc * scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + out_offsets, y.to(dtype), mask=out_mask)
 
 
-def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_ypre: bool = False):
+@triton.jit
+def pow2_floor(v):
+    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
+    return (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def magnitude_grad_rescale(scale, n):
+    """t [BLOCK_N] = pow2_floor(c), or pow2_floor(1 / n) where c is 0: q = ypre * t is an exact
+    rescaling (a power of two) with |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits
+    wherever y is, while ypre = (y - bias) / c overflows fp16 for a small c. Bit for bit the
+    same as fused_dora.functional.magnitude_grad_rescale, which the backward uses."""
+    t = pow2_floor(scale)
+    return tl.where(t > 0, t, pow2_floor(tl.math.div_rn(tl.full(n.shape, 1.0, tl.float32), n)))
+
+
+def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
+                 out: Optional[torch.Tensor] = None):
     """y [M, N] (x's dtype) = c * (x @ weight.T + su @ lora_B.T) + bias.
 
     x [M, K] (any strides), weight [N, K] (x's dtype), su [M, r] contiguous (lora_down's),
     lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
     c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
-    With store_ypre, also returns ypre [M, N] (x's dtype), the pre-scale output, else None.
+    ``out``: a contiguous [M, N] tensor of x's dtype to write y into (default: a new one).
+    With store_q, also returns q [M, N] (x's dtype) = (x @ weight.T + su @ lora_B.T) * t, the
+    pre-scale output rescaled per column by t = magnitude_grad_rescale(c, max(norm, norm_eps)),
+    which the magnitude gradient reads, else None.
     """
     M, K = x.shape
     N = weight.shape[0]
     R = su.shape[1]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    ypre = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_ypre else None
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _dora_forward_kernel[grid](
         x, weight, su, lora_B, magnitude.contiguous(), norm.float().contiguous(),
         bias.contiguous() if bias is not None else norm,
-        y, ypre if store_ypre else y,
+        y, q if store_q else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_YPRE=store_ypre, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
     )
-    return y, ypre
+    return y, q

@@ -1,6 +1,5 @@
 """DDP and FSDP2 over FusedDoraLinear on CPU (2 processes, gloo): gradients and AdamW steps
 equal a single-process run on the whole batch."""
-import socket
 import time
 
 import pytest
@@ -53,8 +52,9 @@ def train(model, params, data):
     return grads, {n: full(p).detach().clone() for n, p in params}
 
 
-def _worker(rank, mode, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _worker(rank, mode, store_path, out_path):
+    # a file store, not a TCP port picked in advance: no race with other processes for the port
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
         model = build_model()
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -77,15 +77,9 @@ def _worker(rank, mode, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_distributed(mode, tmp_path):
     out_path = str(tmp_path / f"{mode}.pt")
-    ctx = mp.spawn(_worker, args=(mode, _free_port(), out_path), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(mode, str(tmp_path / f"{mode}.store"), out_path), nprocs=WORLD, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:

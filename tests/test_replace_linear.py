@@ -76,10 +76,12 @@ def test_replace_linear_rslora_dropout_and_second_call():
     (dict(target_modules="(unclosed"), ValueError, "regular expression"),
     (dict(target_modules=[3]), TypeError, "non-empty strings"),
     (dict(target_modules=5), TypeError, "target_modules"),
-    (dict(target_modules=["mlp"]), ValueError, r"mlp \(LlamaMLP\)"),
+    (dict(target_modules=["mlp"]), ValueError, r"mlp \(LlamaMLP, not a plain"),
     (dict(target_modules=r".*mlp\..*"), ValueError, "act_fn"),  # PEFT too rejects matched non-Linears
-    (dict(r=0), ValueError, "r must be"),
-    (dict(r=2.0), ValueError, "r must be"),
+    (dict(r=0), ValueError, "r must be >= 1"),
+    (dict(r=2.0), TypeError, "r must be an int"),  # as the FusedDoraLinear constructor says
+    (dict(r="8"), TypeError, "r must be an int"),
+    (dict(lora_alpha="8"), TypeError, "lora_alpha"),
     (dict(lora_alpha=float("nan")), ValueError, "lora_alpha"),
     (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
     (dict(use_rslora="yes"), TypeError, "use_rslora"),

@@ -10,26 +10,30 @@ merge_and_unload, set_adapter, disable_adapter and add_adapter are untouched and
 Each call re-checks the layer's state and takes PEFT's own path whenever the fused op would not
 compute what PEFT computes (see :func:`enable_fused_dora`).
 """
-import functools
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..functional import BACKENDS, dora_linear
-from ..module import NormCache
+from ..functional import BACKENDS, FusedDoraWarning, dora_linear, reference_reason
+from ..norm_cache import NormCache
 
 DROPOUT_SEMANTICS = ("fused", "peft")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-class FusedDoraWarning(UserWarning):
-    """Raised by enable_fused_dora for DoRA layers that run on PEFT's own path."""
+_PEFT_CLASSES = None  # a plain global, not functools.lru_cache: Dynamo warns about lru_cache in traced code
 
 
-@functools.lru_cache(maxsize=None)
 def _peft_classes():
+    global _PEFT_CLASSES
+    if _PEFT_CLASSES is None:
+        _PEFT_CLASSES = _import_peft_classes()
+    return _PEFT_CLASSES
+
+
+def _import_peft_classes():
     try:
         from peft.tuners.lora import layer as lora_layer
         from peft.tuners.lora.dora import DoraLinearLayer
@@ -93,6 +97,11 @@ def _active_adapter_or_reason(layer, dropout_semantics: str):
     return a, None
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _plain(t) -> bool:
     return t is None or type(t) in (torch.Tensor, nn.Parameter)
 
@@ -127,6 +136,7 @@ class _FusedForward:
         self.layer, self.dropout_semantics, self.backend = layer, dropout_semantics, backend
         self.previous = previous  # an instance-level forward that was there before, if any
         self.last_input_reason = None  # why the last call's arguments went to PEFT's path
+        self.last_reference_reason = None  # why the last fused call ran the PyTorch reference path
         self._norm_cache = NormCache()
 
     def peft_forward(self, x, *args, **kwargs):
@@ -157,6 +167,7 @@ class _FusedForward:
         dropout = layer.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         training = layer.training and dropout.training
+        self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight)
         norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm)
@@ -196,8 +207,7 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
         raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     _peft_classes()
     switched, skipped = 0, {}
     for name, module in model.named_modules():
@@ -229,6 +239,7 @@ def disable_fused_dora(model: nn.Module) -> int:
 
     Returns the number of layers switched back (0 if none were switched).
     """
+    _check_model(model)
     restored = 0
     for module in model.modules():
         current = module.__dict__.get("forward")
@@ -241,13 +252,22 @@ def disable_fused_dora(model: nn.Module) -> int:
     return restored
 
 
+def _fused_status(reference_reason: Optional[str]) -> str:
+    if reference_reason is None:
+        return "fused"
+    return f"fused op on the PyTorch reference path: {reference_reason}"
+
+
 def fused_dora_status(model: nn.Module) -> dict:
     """{name: "fused" | reason} for every PEFT DoRA layer in ``model``.
 
     The reason is the one that holds now (not switched, adapters disabled or merged, several
     active adapters, ...); for conditions that depend on the call's input (dtype, device) it is
-    the one seen by the layer's last forward.
+    the one seen by the layer's last forward. A layer whose fused op runs the PyTorch reference
+    path (no usable Triton kernels for its inputs) says so: "fused op on the PyTorch reference
+    path: <why>".
     """
+    _check_model(model)
     status = {}
     for name, module in model.named_modules():
         if not _is_dora_layer(module):
@@ -257,5 +277,5 @@ def fused_dora_status(model: nn.Module) -> dict:
             status[name] = "not switched: " + (_structural_reason(module) or "enable_fused_dora was not called")
             continue
         _, reason = _active_adapter_or_reason(module, fwd.dropout_semantics)
-        status[name] = reason or fwd.last_input_reason or "fused"
+        status[name] = reason or fwd.last_input_reason or _fused_status(fwd.last_reference_reason)
     return status
