@@ -240,3 +240,35 @@ def test_trainer_default_optimizer_matches_peft(tmp_path):
     for name, p in fused_model.named_parameters():
         if p.requires_grad:
             assert rel_err(p, plain_params[name]) < 1e-5, name
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_inference_mode_validation_through_enable_fused_dora():
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from fused_dora.integrations.peft import enable_fused_dora
+    from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(seed=1), peft.LoraConfig(use_dora=True, r=4, lora_alpha=8,
+                                                                    target_modules=LLAMA_TARGETS))
+    randomize_adapters(model)
+    plain = copy.deepcopy(model)
+    enable_fused_dora(model)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    losses = {}
+    for key, m in (("fused", model), ("plain", plain)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
+        losses[key] = []
+        for step in range(2):
+            m.train()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            m.eval()
+            with torch.inference_mode():
+                losses[key].append(m(input_ids=ids, labels=ids).loss.item())
+        m.train()
+        losses[key].append(m(input_ids=ids, labels=ids).loss.item())  # was: inference tensors saved
+    for a, b in zip(losses["fused"], losses["plain"]):
+        assert abs(a - b) <= 1e-5 * abs(b)
