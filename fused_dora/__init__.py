@@ -8,13 +8,18 @@ Public API:
     replace_linear       swap targeted nn.Linear modules of any model for FusedDoraLinear
     save_adapter / load_adapter   PEFT-compatible adapter files for replace_linear models
 
+    FusedDoraWarning     warned once where the Triton kernels should run but cannot be imported
+
 PEFT models: fused_dora.integrations.peft.enable_fused_dora(model) (needs the `peft` extra).
+Importing fused_dora registers the torch.library ops (fused_dora::dora_fwd, ...); triton is
+imported only when a kernel first runs.
 """
 from . import reference
+from .backend import FusedDoraWarning
 from .functional import dora_linear, dora_weight_norm
 from .module import FusedDoraLinear
 from .replace import load_adapter, replace_linear, save_adapter
 
 __version__ = "0.1.0"
-__all__ = ["FusedDoraLinear", "dora_linear", "dora_weight_norm", "reference", "replace_linear", "save_adapter",
+__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "replace_linear", "save_adapter",
            "load_adapter", "__version__"]

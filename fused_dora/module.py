@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import BACKENDS, dora_linear
+from .backend import BACKENDS
+from .functional import dora_linear
 from .norm_cache import NormCache
 from .reference import magnitude_scale
 

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .functional import dora_weight_norm, functorch_active
+from .backend import functorch_active
+from .functional import dora_weight_norm
 
 _optimizer_steps = 0
 _hook_handle = None

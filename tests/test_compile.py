@@ -4,33 +4,33 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora import FusedDoraLinear, ops
+from fused_dora import FusedDoraLinear, autograd
 from helpers import DEVICE, make_inputs, rel_err
 
 
-def _op_args(store_ypre=True, p=0.0, trainable=("x", "lora_A", "lora_B")):
+def _op_args(store_q=True, p=0.0, trainable=("x", "lora_A", "lora_B")):
     t = make_inputs(13, 20, 11, 3, seed=1)
     norm = fused_dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.5)
-    for k in tuple(trainable) + (("magnitude",) if store_ypre else ()):
+    for k in tuple(trainable) + (("magnitude",) if store_q else ()):
         t[k].requires_grad_()
     return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], norm, 1.5, p,
-            torch.tensor([7], dtype=torch.int64), store_ypre)
+            torch.tensor([7], dtype=torch.int64), store_q)
 
 
-@pytest.mark.parametrize("store_ypre, trainable", [
+@pytest.mark.parametrize("store_q, trainable", [
     (True, ("x", "lora_A", "lora_B")), (False, ("x", "lora_A", "lora_B")),
     # subsets: the forward saves no x / su, and the backward gets None for them
     (False, ("x",)), (False, ("lora_A",)), (False, ("lora_B",)), (True, ()),
 ], ids=["all", "no-magnitude", "x", "A", "B", "magnitude"])
-def test_opcheck_forward(store_ypre, trainable):
+def test_opcheck_forward(store_q, trainable):
     # test_aot_dispatch_dynamic is slow and adds nothing for an op with static output shapes
-    torch.library.opcheck(ops.dora_fwd, _op_args(store_ypre, trainable=trainable), test_utils=(
+    torch.library.opcheck(autograd.dora_fwd, _op_args(store_q, trainable=trainable), test_utils=(
         "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_opcheck_row_norm():
     t = make_inputs(1, 20, 11, 3, seed=2)
-    torch.library.opcheck(ops.row_norm, (t["weight"], t["lora_A"], t["lora_B"], 0.5))
+    torch.library.opcheck(autograd.row_norm_op, (t["weight"], t["lora_A"], t["lora_B"], 0.5))
 
 
 def _model():

@@ -32,11 +32,11 @@ def test_row_norm_mixed_dtypes():
 def test_adapter_grad_reductions_any_split(splits):
     g = torch.Generator().manual_seed(3)
     M, N, Kdim, r = 77, 30, 41, 20
-    dy, ypre = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
+    dy, q = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
     u, v, x = torch.randn(M, r, generator=g), torch.randn(M, r, generator=g), torch.randn(M, Kdim, generator=g)
-    dmag, db = K.magnitude_and_B_grads(dy, ypre, u, True, True, splits=splits)
+    dmag, db = K.magnitude_and_B_grads(dy, q, u, True, True, splits=splits)
     da = K.lora_A_grad(v, x, splits=splits)
-    assert rel_err(dmag, (dy.double() * ypre.double()).sum(0)) < 1e-6
+    assert rel_err(dmag, (dy.double() * q.double()).sum(0)) < 1e-6
     assert rel_err(db, dy.double().T @ u.double()) < 1e-6
     assert rel_err(da, v.double().T @ x.double()) < 1e-6
 

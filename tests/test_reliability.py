@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 
 import fused_dora
-import fused_dora.functional as functional
-from fused_dora import FusedDoraLinear, ops, reference, replace_linear
+import fused_dora.backend as backend
+from fused_dora import FusedDoraLinear, autograd, reference, replace_linear
 from helpers import DEVICE, TOL, assert_close, fp64, make_inputs, reference_fp64, rel_err, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def _triton(**kw):
 def _library_route(x, weight, bias, lora_A, lora_B, magnitude, scaling, **kw):
     """The torch.library ops that torch.compile calls, run eagerly."""
     norm = fused_dora.dora_weight_norm(weight, lora_A, lora_B, scaling)
-    y = ops.dora_linear_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, norm, scaling, 0.0)
+    y = autograd.dora_linear_2d(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, norm, scaling, 0.0)
     return y.reshape(*x.shape[:-1], -1)
 
 
@@ -131,9 +131,8 @@ def test_merged_layer_survives_dtype_casts(cast):
     assert layer.merged
     state = layer.state_dict()  # was: "unmerge(): ... changed since merge()"
     assert rel_err(state["weight"], base) < tol
-    if DEVICE == "cuda" or dtype != torch.float16:  # CPU matmuls in fp16 are slow but fine; keep it short
-        with torch.no_grad():
-            assert rel_err(layer(x.to(dtype)), expect) < 2 * tol
+    with torch.no_grad():
+        assert rel_err(layer(x.to(dtype)), expect) < 2 * tol
     layer.unmerge()
     assert rel_err(layer.weight, base) < tol
 
@@ -197,15 +196,15 @@ def kernels_unimportable(monkeypatch):
     def broken():
         raise ImportError("simulated: no module named 'triton'")
 
-    monkeypatch.setattr(functional, "_kernels_module", None)
-    monkeypatch.setattr(functional, "_import_kernels", broken)
-    monkeypatch.setattr(functional, "_DEVICE_REASONS", {})
+    monkeypatch.setattr(backend, "_kernels_module", None)
+    monkeypatch.setattr(backend, "_import_kernels", broken)
+    monkeypatch.setattr(backend, "_DEVICE_REASONS", {})
 
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") and DEVICE == "cpu", reason="needs kernels to expect")
 def test_broken_kernels_import_warns_and_status_tells(kernels_unimportable):
     t = make_inputs(4, 12, 10, 2, seed=9)
-    with pytest.warns(functional.FusedDoraWarning, match="cannot be imported"):
+    with pytest.warns(backend.FusedDoraWarning, match="cannot be imported"):
         y = fused_dora.dora_linear(**t, scaling=SCALING)
     expect = reference.dora_linear(**t, scaling=SCALING)
     assert rel_err(y, expect) < 1e-6
@@ -234,10 +233,10 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
 sys.path.insert(0, {str(ROOT)!r})
 import torch, fused_dora
-from fused_dora import functional
+from fused_dora import backend
 assert fused_dora.__file__.startswith({str(ROOT)!r}), fused_dora.__file__
-assert functional.reference_reason("auto", torch.device("cpu"), torch.float32) is None
-assert functional._kernels().__file__ == {str(ROOT / "kernels" / "__init__.py")!r}
+assert backend.reference_reason("auto", torch.device("cpu"), torch.float32) is None
+assert backend.load_kernels().__file__ == {str(ROOT / "kernels" / "__init__.py")!r}
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}

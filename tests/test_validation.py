@@ -104,7 +104,7 @@ def test_module_wrong_input_width():
 
 def test_huge_weight_goes_to_the_reference_or_is_refused(monkeypatch):
     """The kernels index weight columns with 32 bits: 2**31 elements or more cannot run there."""
-    from fused_dora.functional import resolve_backend
+    from fused_dora.backend import resolve_backend
 
     w = torch.empty(1, 1).expand(2**16, 2**15)  # 2**31 elements, no memory
     x = torch.randn(2, 2**15)
@@ -114,7 +114,7 @@ def test_huge_weight_goes_to_the_reference_or_is_refused(monkeypatch):
 
 
 def test_narrow_column_offsets_copies_only_huge_strides():
-    from fused_dora.functional import narrow_column_offsets
+    from fused_dora.composition import narrow_column_offsets
 
     t = torch.randn(4, 6).T
     assert narrow_column_offsets(t) is t

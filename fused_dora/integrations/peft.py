@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..functional import BACKENDS, FusedDoraWarning, dora_linear, reference_reason
+from ..backend import BACKENDS, FusedDoraWarning, reference_reason
+from ..functional import dora_linear
 from ..norm_cache import NormCache
 
 DROPOUT_SEMANTICS = ("fused", "peft")

@@ -1,0 +1,145 @@
+"""Which path computes a call: the Triton kernels or the PyTorch reference, and why.
+
+    load_kernels()            fused_dora.kernels (imports triton), also from a source checkout
+    reference_reason(...)     None where the kernels run, else why the reference path does
+    resolve_backend(...)      "triton" | "reference" for a call; raises where "triton" was forced
+
+Nothing here imports triton until a kernel is needed.
+"""
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+class FusedDoraWarning(UserWarning):
+    """fused_dora runs, but not everywhere as fast as it could: the Triton kernels cannot be
+    imported, or (enable_fused_dora) some PEFT DoRA layers run on PEFT's own path."""
+
+
+def _import_kernels():
+    """fused_dora.kernels. In a source checkout that is on sys.path but not installed, the
+    kernels folder sits beside the package rather than in it: load it from there."""
+    name = __package__ + ".kernels"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:  # triton or another dependency is missing: not ours to fix
+            raise
+    init = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.is_file():
+        raise ImportError(f"{name} is missing from this installation (no {init})")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+_kernels_module = None
+
+
+def load_kernels():
+    """fused_dora.kernels, imported on first use (it imports triton)."""
+    global _kernels_module
+    if _kernels_module is None:
+        _kernels_module = _import_kernels()
+    return _kernels_module
+
+
+# (device type, TRITON_INTERPRET) -> None or why the kernels cannot run there. A plain dict, not
+# functools.lru_cache: Dynamo warns about lru_cache-wrapped functions in traced code.
+_DEVICE_REASONS = {}
+
+
+def _device_reason(device_type: str, interpret_env: str) -> Optional[str]:
+    key = (device_type, interpret_env)
+    if key not in _DEVICE_REASONS:
+        _DEVICE_REASONS[key] = _find_device_reason(device_type, interpret_env)
+    return _DEVICE_REASONS[key]
+
+
+def _find_device_reason(device_type: str, interpret_env: str) -> Optional[str]:
+    if device_type == "cpu":
+        if interpret_env in ("", "0"):
+            return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+    elif device_type != "cuda":
+        return f"Triton kernels do not run on {device_type} tensors"
+    try:
+        kernels = load_kernels()
+    except Exception as exc:  # noqa: BLE001 - any failure to import is reported, never swallowed
+        why = f"the Triton kernels cannot be imported ({type(exc).__name__}: {exc})"
+        # a device that should run the kernels: say so once, loudly, rather than run slowly in silence
+        warnings.warn(f"fused_dora: {why}; the PyTorch reference path runs instead (same results, slower). "
+                      "backend='triton' raises instead.", FusedDoraWarning, stacklevel=5)
+        return why
+    if device_type == "cpu" and not kernels.INTERPRET:
+        return "triton was imported before TRITON_INTERPRET=1 was set, so kernels are compiled for a GPU"
+    return None
+
+
+def triton_available_for(device: torch.device) -> Optional[str]:
+    """None if the Triton kernels can run on tensors of ``device``, else the reason why not."""
+    return _device_reason(device.type, os.environ.get("TRITON_INTERPRET", "0"))
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is tracing this call."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def _unavailable(device: torch.device, dtype: torch.dtype, weight: Optional[torch.Tensor]):
+    """(why the kernels cannot compute this call, the error a forced backend='triton' raises), or None."""
+    why = _device_reason(device.type, os.environ.get("TRITON_INTERPRET", "0"))
+    if why is not None:
+        return why, ValueError
+    if dtype == torch.float64:
+        return "the Triton kernels do not take float64 tensors", TypeError
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return "Triton's interpreter cannot do bfloat16 arithmetic (triton-lang/triton#11584)", TypeError
+    if functorch_active():
+        return "torch.func transforms (grad, vmap, ...) cannot see inside the Triton kernels", NotImplementedError
+    if weight is not None and weight.numel() >= 2**31:
+        return "the weight has 2**31 elements or more (the kernels index its columns with 32 bits)", ValueError
+    return None
+
+
+def reference_reason(backend: str, device: torch.device, dtype: torch.dtype,
+                     weight: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None where ``backend`` runs the Triton kernels on ``dtype`` tensors of ``device`` (and this
+    weight), else why the PyTorch reference path runs (or, for backend='triton', cannot)."""
+    if backend == "reference":
+        return "backend='reference'"
+    found = _unavailable(device, dtype, weight)
+    return None if found is None else found[0]
+
+
+def resolve_backend(backend: str, x: torch.Tensor, *tensors, weight: Optional[torch.Tensor] = None) -> str:
+    """'triton' or 'reference' for a call on x (its device, the widest dtype among x and tensors).
+
+    Where 'triton' was forced but cannot run: TypeError for a dtype (float64, bf16 under the
+    interpreter), NotImplementedError under torch.func transforms, ValueError otherwise.
+    """
+    if backend == "reference":
+        return "reference"
+    dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors) else x.dtype
+    found = _unavailable(x.device, dtype, weight)
+    if found is None:
+        return "triton"
+    if backend == "triton":
+        why, error = found
+        raise error(f"backend='triton' cannot run here: {why}")
+    return "reference"

@@ -1,0 +1,116 @@
+"""The fused forward and backward on 2-D tensors, composed from the kernel launchers.
+
+The math and what is saved between the two: see fused_dora.autograd's module docstring. Here
+the launchers' raw results are finished: the kernels return fp32 sums, and the scaling by s,
+c or 1/(t·n) each gradient still needs is applied here, in one place.
+"""
+import torch
+
+from .backend import load_kernels
+from .reference import NORM_EPS
+
+
+def narrow_column_offsets(t: torch.Tensor) -> torch.Tensor:
+    """t [rows, cols], copied row-major if its column offsets would not fit in 32 bits.
+
+    The kernels index rows with 64-bit offsets but columns with 32-bit ones (cheaper in the
+    GEMM main loops); only a transposed-like view of a huge tensor needs the copy.
+    """
+    if (t.shape[1] - 1) * t.stride(1) >= 2**31:
+        return t.contiguous()
+    return t
+
+
+def draw_dropout_seed() -> int:
+    """A Philox seed from torch's default CPU generator.
+
+    Drawing from the CPU generator needs no device sync, and torch.utils.checkpoint restores
+    that generator before recomputing, so a recomputed forward draws the same mask.
+    """
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def pow2_floor(v: torch.Tensor) -> torch.Tensor:
+    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
+    return (v.view(torch.int32) & 0x7F800000).view(torch.float32)
+
+
+def magnitude_grad_rescale(scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; scale = c, n = max(norm, eps).
+
+    The forward saves q = ypre * t for the magnitude gradient rather than ypre: multiplying by a
+    power of two is exact, and |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits wherever
+    y is, while ypre = (y - bias) / c overflows fp16 for a small c. The forward's epilogue forms t
+    with the same bits (kernels.forward.magnitude_grad_rescale).
+    """
+    t = pow2_floor(scale)
+    return torch.where(t > 0, t, pow2_floor(1.0 / n))
+
+
+def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """n [N] fp32 = ||weight + scaling * lora_B @ lora_A|| per row (one tiled pass over weight)."""
+    return load_kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
+
+
+def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, out_shape=None):
+    """The fused forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None).
+
+    y has ``out_shape`` (default [M, N]; any shape of M * N elements, so that a caller can
+    return y itself rather than a view of it). su = scaling * dropout(x) @ lora_A.T (in
+    lora_A's dtype, rounded once, as PEFT rounds lora_A's output) and q = (x @ W.T + su @ B.T) * t
+    (x's dtype; t per column, see magnitude_grad_rescale) are what the backward reads; q only
+    with ``store_q`` (for the magnitude gradient). Two launches: lora_down, then the GEMM that
+    also forms c = magnitude / norm in its epilogue.
+    """
+    k = load_kernels()
+    M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
+    y = x.new_empty(out_shape if out_shape is not None else (M, N))
+    if M == 0:
+        su = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
+        return y, su, (x.new_empty((0, N)) if store_q else None)
+    su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
+    _, q = k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=y.view(M, N))
+    return y, su, q
+
+
+def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+                   need_dx, need_da, need_db, need_dmag):
+    """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
+
+    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); scale [N] fp32,
+    the forward's c = magnitude / max(norm, eps), and norm [N]. Gradients come in their
+    parameters' dtypes.
+    """
+    k = load_kernels()
+    M, N = dy.shape
+    dx = da = dbb = dmag = None
+    if M == 0:
+        dx = dy.new_empty((0, weight.shape[1])) if need_dx else None
+        da = torch.zeros_like(lora_A) if need_da else None
+        dbb = torch.zeros_like(lora_B) if need_db else None
+        dmag = torch.zeros(N, dtype=magnitude_dtype, device=dy.device) if need_dmag else None
+        return dx, da, dbb, dmag
+    if need_dx or need_da:
+        v = k.lora_up_grad(dy, scale, lora_B)  # v = (dy * c) @ B
+        if need_dx:
+            dx = k.dora_input_grad(dy, scale, weight, v, lora_A, scaling, dropout_p, seed)
+        if need_da:  # dA = s * v.T @ dropout(x)
+            da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
+    if need_dmag or need_db:
+        dmag_raw, db_raw = k.magnitude_and_B_grads(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
+        if need_dmag:  # dmagnitude = sum(dy * ypre) / n, with q = ypre * t
+            n = norm.float().clamp_min(NORM_EPS)
+            dmag = (dmag_raw / (magnitude_grad_rescale(scale, n) * n)).to(magnitude_dtype)
+        if need_db:  # dB = c * dy.T @ su (su already carries the scaling)
+            dbb = (scale[:, None] * db_raw).to(lora_B.dtype)
+    return dx, da, dbb, dmag
+
+
+def frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias):
+    """Gradients of the frozen weight [N, K] and bias [N], for callers who train them anyway.
+
+    Plain PyTorch (not fused), norm detached like everywhere else: dW = (dy * c).T @ x.
+    """
+    dw = ((dy.float() * scale).T @ x.float()).to(weight.dtype) if need_dw else None
+    dbias = dy.float().sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
+    return dw, dbias
