@@ -18,7 +18,8 @@ from .composition import draw_dropout_seed, fused_forward, narrow_column_offsets
 from .validation import check_inputs, check_weight_norm_args
 
 
-def dora_weight_norm(weight, lora_A, lora_B, scaling, backend: str = "auto") -> torch.Tensor:
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                     backend: str = "auto") -> torch.Tensor:
     """n [N] = ||weight + scaling * lora_B @ lora_A||_2 per row, detached, not clamped; fp32
     (fp64 where any input is float64).
 

@@ -2,7 +2,7 @@
 import math
 import numbers
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora) -> None:
+def check_adapter_hparams(r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
     """TypeError for a wrong type, ValueError for a wrong value, naming the argument."""
     _check_positive_int("r", r)
     for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
@@ -93,12 +93,12 @@ class FusedDoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         bias: bool = True,
         use_rslora: bool = False,
-        device=None,
-        dtype=None,
+        device: Optional[Union[torch.device, str, int]] = None,
+        dtype: Optional[torch.dtype] = None,
         *,
         adapter_dtype: Optional[torch.dtype] = None,
         backend: str = "auto",
-    ):
+    ) -> None:
         super().__init__()
         _check_positive_int("in_features", in_features)
         _check_positive_int("out_features", out_features)
@@ -191,7 +191,7 @@ class FusedDoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
-                f"bias={self.bias is not None}, merged={self.merged}")
+                f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}")
 
     # ---- the norm cache -----------------------------------------------------------------
     def clear_norm_cache(self) -> None:

@@ -188,8 +188,24 @@ def _plain_number(v: float):
     return int(v) if float(v).is_integer() else float(v)
 
 
+# transformers model-class suffixes -> PEFT's task types (what PeftModel.from_pretrained wraps with)
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+               ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    """PEFT's task type for a transformers model, from its class name; None when unknown."""
+    if getattr(model, "config", None) is None:  # not a transformers model
+        return None
+    name = type(model).__name__
+    if name.endswith("ForConditionalGeneration") and not getattr(model.config, "is_encoder_decoder", False):
+        return None  # e.g. vision-language models: PEFT has no single task type for them
+    return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
-                 base_model_name_or_path: Optional[str] = None) -> None:
+                 base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> None:
     """Write the DoRA adapters of ``model``'s FusedDoraLinear layers to directory ``path``, as PEFT does.
 
     ``path`` gets ``adapter_config.json`` (a LoraConfig with ``use_dora=True``, target_modules
@@ -197,7 +213,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     per-layer ranks or alphas that differ from the most common one go to rank_pattern /
     alpha_pattern) and ``adapter_model.safetensors`` (keys as in the module docstring). Load it
     with ``peft.PeftModel.from_pretrained(base_model, path)`` on the original (unreplaced) model,
-    or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``.
+    or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``. ``base_model_name_or_path``
+    and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a transformers model knows:
+    its ``config._name_or_path`` and its class (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...).
     """
     peft, _ = _import_peft()
     from safetensors.torch import save_file
@@ -229,7 +247,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         r=rank, lora_alpha=_plain_number(alpha), lora_dropout=dropouts.most_common(1)[0][0],
         use_rslora=next(iter(layers.values())).use_rslora, use_dora=True, target_modules=sorted(layers),
         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, bias="none", inference_mode=True,
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base_model_name_or_path, task_type=task_type or _task_type(model),
     )
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(os.fspath(path))

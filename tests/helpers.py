@@ -92,3 +92,23 @@ def randomize_adapters(model, seed=1):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
             elif "magnitude" in name:
                 p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g).to(p.device))
+
+
+def trainer_data(n=10, t=12, seed=3):
+    """n rows of t token ids (no padding) for the tiny Llama's vocabulary of 64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 64, (n, t), generator=g)
+
+
+def trainer_args(config_cls, output_dir, **overrides):
+    """5 fp32 CPU steps of 2 rows, a loss logged every step, nothing saved or reported; the
+    optimizer is the trainer's default (adamw_torch_fused)."""
+    kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=5, learning_rate=1e-2,
+                  logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+                  bf16=False)
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def logged_losses(trainer):
+    return [log["loss"] for log in trainer.state.log_history if "loss" in log]

@@ -17,6 +17,7 @@ LAYERS = [
     {"norm_cache"},
     {"module"},
     {"replace", "integrations", "integrations.peft"},
+    {"integrations.transformers"},
     {"fused_dora"},  # the package's __init__
 ]
 

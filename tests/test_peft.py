@@ -1,5 +1,6 @@
 """fused_dora.integrations.peft: PEFT DoRA layers served by the fused kernels, parity with PEFT itself."""
 import copy
+import logging
 import os
 import warnings
 
@@ -204,17 +205,21 @@ def tiny_ids():
     return torch.randint(0, 16, (3, 5), generator=torch.Generator().manual_seed(4)).to(DEVICE)
 
 
-def test_unsupported_layers_are_reported_and_fall_back(kernel_calls):
+def test_unsupported_layers_are_reported_and_fall_back(kernel_calls, caplog):
     model = tiny_mixed_peft(["emb", "c1d", "conv", "lin", "out"]).eval()
     ids = tiny_ids()
     with torch.no_grad():
         expected = model(ids)
-    with pytest.warns(FusedDoraWarning) as record:
+    with pytest.warns(FusedDoraWarning) as record, caplog.at_level(logging.DEBUG, logger="fused_dora"):
         n = enable_fused_dora(model)
     assert n == 2  # lin and out
+    assert len(record) == 1  # one summary line, counted by reason
     message = str(record[0].message)
+    assert "\n" not in message and "3 of 5 PEFT DoRA layers keep PEFT's own forward" in message
+    assert "Embedding layers are not served" in message and "fan_in_fan_out=True (1)" in message
+    assert "2 of 5 PEFT DoRA layers switched" in caplog.text
     for name in ("emb", "c1d", "conv"):
-        assert f"base_model.model.{name}:" in message
+        assert f"base_model.model.{name}:" in caplog.text  # each layer's reason at DEBUG
     status = {k.rsplit(".", 1)[-1]: v for k, v in fused_dora_status(model).items()}
     assert status["lin"] == status["out"] == "fused"
     assert "Embedding" in status["emb"] and "Conv1d" in status["conv"] and "fan_in_fan_out" in status["c1d"]
@@ -225,7 +230,7 @@ def test_unsupported_layers_are_reported_and_fall_back(kernel_calls):
     assert rel(got, expected) < 1e-5
 
 
-def test_several_active_adapters_and_adapter_switching(kernel_calls):
+def test_several_active_adapters_and_adapter_switching(kernel_calls, caplog):
     model = tiny_mixed_peft(["lin", "out"]).eval()
     model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["lin", "out"], use_dora=True))
     randomize_adapters(model, seed=7)
@@ -249,8 +254,10 @@ def test_several_active_adapters_and_adapter_switching(kernel_calls):
             assert len(kernel_calls) == calls + 2
 
     model.base_model.set_adapter(["default", "other"])  # both at once: PEFT's path
-    with pytest.warns(FusedDoraWarning, match="2 active adapters"):
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="fused_dora"):
+        warnings.simplefilter("error")  # the user's own setting: logged, not warned
         enable_fused_dora(model)
+    assert "2 switched layers run PEFT's own forward for now: 2 active adapters" in caplog.text
     assert all("2 active adapters" in v for v in fused_dora_status(model).values())
     expected = peft_out()
     calls = len(kernel_calls)
@@ -259,15 +266,16 @@ def test_several_active_adapters_and_adapter_switching(kernel_calls):
     assert len(kernel_calls) == calls
 
 
-def test_plain_lora_adapter_and_mixed_batch_fall_back(kernel_calls):
+def test_plain_lora_adapter_and_mixed_batch_fall_back(kernel_calls, caplog):
     model = tiny_mixed_peft(["lin"]).eval()
     model.add_adapter("plain", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["lin"], init_lora_weights=False))
     model.set_adapter("plain")  # a LoRA adapter (no DoRA) on a DoRA-capable layer
     ids = tiny_ids()
     with torch.no_grad():
         expected = model(ids)
-    with pytest.warns(FusedDoraWarning, match="'plain' is not DoRA"):
+    with caplog.at_level(logging.INFO, logger="fused_dora"):
         assert enable_fused_dora(model) == 1
+    assert "'plain' is not DoRA" in caplog.text
     with torch.no_grad():
         assert rel(model(ids), expected) < 1e-6
     assert not kernel_calls
@@ -279,12 +287,14 @@ def test_plain_lora_adapter_and_mixed_batch_fall_back(kernel_calls):
     assert not kernel_calls
 
 
-def test_dropout_semantics(kernel_calls):
+def test_dropout_semantics(kernel_calls, caplog):
     ids = tiny_ids()
     model = tiny_mixed_peft(["lin", "out"], lora_dropout=0.3).train()
     plain = copy.deepcopy(model)
-    with pytest.warns(FusedDoraWarning, match="dropout_semantics='peft'"):
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="fused_dora"):
+        warnings.simplefilter("error")  # a setting the user chose: one log line, no warning
         enable_fused_dora(model, dropout_semantics="peft")
+    assert caplog.text.count("dropout_semantics='peft'") == 1
     torch.manual_seed(5)
     expected = plain(ids)
     torch.manual_seed(5)
@@ -365,3 +375,18 @@ def test_no_dora_layers_warns():
         assert enable_fused_dora(model) == 0
     with pytest.raises(TypeError, match="model"):
         enable_fused_dora("not a model")
+
+
+def test_status_counts_and_repr():
+    model = tiny_mixed_peft(["lin", "out"]).eval()
+    enable_fused_dora(model)
+    lin = model.base_model.model.lin
+    status = fused_dora_status(model)
+    assert status.counts == {"fused": 2} and isinstance(status, dict)
+    assert repr(lin).endswith(")") and "fused_dora='fused'" in repr(lin)
+    model.base_model.disable_adapter_layers()
+    assert "fused_dora='adapters are disabled'" in repr(lin)
+    assert fused_dora_status(model).counts == {"adapters are disabled": 2}
+    model.base_model.enable_adapter_layers()
+    disable_fused_dora(model)
+    assert "fused_dora" not in repr(lin)

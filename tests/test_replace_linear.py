@@ -115,8 +115,18 @@ def test_save_adapter_loads_in_peft(tmp_path):
     assert config["use_dora"] is True and config["peft_type"] == "LORA"
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.05)
     assert len(config["target_modules"]) == 14
+    assert config["task_type"] == "CAUSAL_LM"  # what the model knows: LlamaForCausalLM
     loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert isinstance(loaded, peft.PeftModelForCausalLM)
     assert rel(logits(loaded), expected) < 1e-5
+    model.config._name_or_path = "org/tiny-llama"
+    save_adapter(model, tmp_path / "named", task_type="CAUSAL_LM")
+    config = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-llama"
+    plain = nn.Sequential(nn.Linear(4, 4))
+    replace_linear(plain, ["0"], r=2, lora_alpha=2, backend=BACKEND)
+    save_adapter(plain, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["task_type"] is None
 
 
 def test_save_adapter_mixed_ranks_and_rslora(tmp_path):

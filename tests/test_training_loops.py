@@ -206,26 +206,21 @@ def _trainer_losses(tmp_path, fused: bool):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from fused_dora.integrations.peft import enable_fused_dora
-    from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
+    from helpers import LLAMA_TARGETS, logged_losses, randomize_adapters, tiny_llama, trainer_args, trainer_data
 
     model = peft.get_peft_model(tiny_llama(seed=0), peft.LoraConfig(use_dora=True, r=4, lora_alpha=8,
                                                                     target_modules=LLAMA_TARGETS))
     randomize_adapters(model)
     if fused:
         assert enable_fused_dora(model) == 2 * len(LLAMA_TARGETS)
-    g = torch.Generator().manual_seed(3)
-    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (10, 12), generator=g)]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / ("fused" if fused else "plain")), per_device_train_batch_size=2, max_steps=5,
-        learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True)
+    data = [{"input_ids": ids, "labels": ids} for ids in trainer_data()]
+    args = trainer_args(transformers.TrainingArguments, tmp_path / ("fused" if fused else "plain"))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     assert args.optim == "adamw_torch_fused" and optimizer.defaults["fused"] is True  # the default
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    losses = logged_losses(trainer)
     assert len(losses) == 5
-    model.save_pretrained(tmp_path / ("adapter_fused" if fused else "adapter_plain"))
     return losses, model
 
 

@@ -10,6 +10,8 @@ merge_and_unload, set_adapter, disable_adapter and add_adapter are untouched and
 Each call re-checks the layer's state and takes PEFT's own path whenever the fused op would not
 compute what PEFT computes (see :func:`enable_fused_dora`).
 """
+import collections
+import logging
 import warnings
 from typing import Optional
 
@@ -19,6 +21,8 @@ import torch.nn as nn
 from ..backend import BACKENDS, FusedDoraWarning, reference_reason
 from ..functional import dora_linear
 from ..norm_cache import NormCache
+
+logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
 
 DROPOUT_SEMANTICS = ("fused", "peft")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -140,6 +144,11 @@ class _FusedForward:
         self.last_reference_reason = None  # why the last fused call ran the PyTorch reference path
         self._norm_cache = NormCache()
 
+    def status(self) -> str:
+        """"fused", or why PEFT's path or the reference path runs (see fused_dora_status)."""
+        _, reason = _active_adapter_or_reason(self.layer, self.dropout_semantics)
+        return reason or self.last_input_reason or _fused_status(self.last_reference_reason)
+
     def peft_forward(self, x, *args, **kwargs):
         if self.previous is not None:
             return self.previous(x, *args, **kwargs)
@@ -174,6 +183,20 @@ class _FusedForward:
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm)
 
 
+class _FusedExtraRepr:
+    """The ``extra_repr`` installed beside the fused forward: PEFT's, plus which path runs."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self) -> str:
+        own = type(self.layer).extra_repr(self.layer)
+        fwd = self.layer.__dict__.get("forward")
+        if not isinstance(fwd, _FusedForward):
+            return own
+        return (own + ", " if own else "") + f"fused_dora={fwd.status()!r}"
+
+
 def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, backend: str = "auto",
                       warn: bool = True) -> int:
     """Serve every PEFT DoRA ``lora.Linear`` in ``model`` (a PeftModel or any module tree) with
@@ -189,15 +212,20 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
     so results are never silently different; :func:`fused_dora_status` tells which path each
     layer takes and why.
 
-    Layers that cannot be switched keep PEFT's forward and are listed with the reason in a
-    :class:`FusedDoraWarning` (``warn=False`` silences it): DoRA on Conv / Embedding layers,
-    quantized or otherwise non-``nn.Linear`` base layers, ``fan_in_fan_out=True``, subclasses
-    that override the forward. Switched layers whose current state falls back are listed too.
+    Layers that can never be switched keep PEFT's forward and are counted by reason in one
+    :class:`FusedDoraWarning` line (``warn=False`` silences it): DoRA on Conv / Embedding
+    layers, quantized or otherwise non-``nn.Linear`` base layers, ``fan_in_fan_out=True``,
+    subclasses that override the forward. What the user chose or can change is logged, not
+    warned, on the ``"fused_dora"`` logger: one INFO line with the number of switched layers,
+    one with the switched layers whose current state (merged, disabled, several active
+    adapters, ``dropout_semantics="peft"``, ...) runs PEFT's path for now, and each layer's
+    reason at DEBUG. :func:`fused_dora_status` gives every layer's status and their counts.
+    A switched layer's repr ends with ``fused_dora='<its status>'``.
 
     ``dropout_semantics`` matters only in training with ``lora_dropout > 0``:
 
     - ``"fused"`` (default): y = c * (x @ W.T + s * B(A(dropout(x)))) + b, one base matmul
-      (DESIGN.md section 1; the DoRA paper's formula with dropout on the adapter input).
+      (the DoRA paper's formula with dropout on the adapter input; fused_dora.autograd).
     - ``"peft"``: exactly PEFT's form, y = x @ W.T + b + (c - 1) * dropout(x) @ W.T
       + c * s * B(A(dropout(x))), by running PEFT's own forward for those calls.
 
@@ -210,29 +238,50 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check_model(model)
     _peft_classes()
-    switched, skipped = 0, {}
+    switched, unserved, waiting = 0, {}, {}
     for name, module in model.named_modules():
         if not _is_dora_layer(module):
             continue
         reason = _structural_reason(module)
         if reason is not None:
-            skipped[name] = reason
+            unserved[name] = reason
             continue
         current = module.__dict__.get("forward")
         previous = current.previous if isinstance(current, _FusedForward) else current
         module.forward = _FusedForward(module, dropout_semantics, backend, previous)
+        module.extra_repr = _FusedExtraRepr(module)
         switched += 1
         _, reason = _active_adapter_or_reason(module, dropout_semantics)
         if reason is not None:
-            skipped[name] = f"switched, but PEFT's path runs for now: {reason}"
-    if warn and skipped:
-        lines = "\n".join(f"  {n or '<root>'}: {why}" for n, why in skipped.items())
-        warnings.warn(f"enable_fused_dora: {len(skipped)} DoRA layer(s) use PEFT's own forward:\n{lines}",
-                      FusedDoraWarning, stacklevel=2)
-    if warn and switched == 0 and not skipped:
-        warnings.warn("enable_fused_dora: model has no PEFT DoRA layers (LoraConfig(use_dora=True))",
-                      FusedDoraWarning, stacklevel=2)
+            waiting[name] = reason
+    _report(switched, unserved, waiting, backend, warn)
     return switched
+
+
+def _by_reason(layers: dict) -> str:
+    """'reason (count); ...' for {layer name: reason}, most common first."""
+    counts = collections.Counter(layers.values())
+    return "; ".join(f"{why} ({n})" for why, n in counts.most_common())
+
+
+def _report(switched: int, unserved: dict, waiting: dict, backend: str, warn: bool) -> None:
+    """One summary line each: INFO for what the user chose or can change (switched layers, layers
+    whose current state runs PEFT's path), a FusedDoraWarning for layers that can never be served
+    (or a model without DoRA layers); per-layer reasons at DEBUG and in fused_dora_status."""
+    total = switched + len(unserved)
+    logger.info("enable_fused_dora: %d of %d PEFT DoRA layers switched to the fused op (backend=%r)",
+                switched, total, backend)
+    if waiting:
+        logger.info("enable_fused_dora: %d switched layers run PEFT's own forward for now: %s",
+                    len(waiting), _by_reason(waiting))
+    for name, why in {**unserved, **waiting}.items():
+        logger.debug("enable_fused_dora: %s: %s", name or "<root>", why)
+    if warn and unserved:
+        warnings.warn(f"enable_fused_dora: {len(unserved)} of {total} PEFT DoRA layers keep PEFT's own forward: "
+                      f"{_by_reason(unserved)}. fused_dora_status(model) lists them.", FusedDoraWarning, stacklevel=3)
+    if warn and total == 0:
+        warnings.warn("enable_fused_dora: model has no PEFT DoRA layers (LoraConfig(use_dora=True))",
+                      FusedDoraWarning, stacklevel=3)
 
 
 def disable_fused_dora(model: nn.Module) -> int:
@@ -249,6 +298,8 @@ def disable_fused_dora(model: nn.Module) -> int:
                 module.forward = current.previous
             else:
                 del module.forward
+            if isinstance(module.__dict__.get("extra_repr"), _FusedExtraRepr):
+                del module.extra_repr
             restored += 1
     return restored
 
@@ -259,8 +310,18 @@ def _fused_status(reference_reason: Optional[str]) -> str:
     return f"fused op on the PyTorch reference path: {reference_reason}"
 
 
-def fused_dora_status(model: nn.Module) -> dict:
-    """{name: "fused" | reason} for every PEFT DoRA layer in ``model``.
+class FusedDoraStatus(dict[str, str]):
+    """{layer name: status}, as returned by :func:`fused_dora_status`; ``counts`` sums it up."""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """{status: number of layers}, most common first."""
+        return dict(collections.Counter(self.values()).most_common())
+
+
+def fused_dora_status(model: nn.Module) -> FusedDoraStatus:
+    """{name: "fused" | reason} for every PEFT DoRA layer in ``model``; ``.counts`` gives
+    {status: number of layers}.
 
     The reason is the one that holds now (not switched, adapters disabled or merged, several
     active adapters, ...); for conditions that depend on the call's input (dtype, device) it is
@@ -269,7 +330,7 @@ def fused_dora_status(model: nn.Module) -> dict:
     path: <why>".
     """
     _check_model(model)
-    status = {}
+    status = FusedDoraStatus()
     for name, module in model.named_modules():
         if not _is_dora_layer(module):
             continue
@@ -277,6 +338,5 @@ def fused_dora_status(model: nn.Module) -> dict:
         if not isinstance(fwd, _FusedForward):
             status[name] = "not switched: " + (_structural_reason(module) or "enable_fused_dora was not called")
             continue
-        _, reason = _active_adapter_or_reason(module, fwd.dropout_semantics)
-        status[name] = reason or fwd.last_input_reason or _fused_status(fwd.last_reference_reason)
+        status[name] = fwd.status()
     return status
