@@ -1,5 +1,6 @@
 """Launch helpers shared by the kernel families: interpreter detection, configs, block sizes."""
 import functools
+import inspect
 import os
 
 import torch
@@ -12,6 +13,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # FUSED_DORA_AUTOTUNE=0 skips the search on a GPU (first config that fits): quicker test runs.
 AUTOTUNE = os.environ.get("FUSED_DORA_AUTOTUNE", "1") not in ("", "0")
+
+# How a GPU autotuner times each config: triton.autotune's `do_bench=` (honoured from triton 3.3;
+# older ones keep their own timing). None: Triton's default; benchmarks/dora_bench sets a shorter one.
+_autotune_do_bench = None
+_TAKES_DO_BENCH = "do_bench" in inspect.signature(triton.autotune).parameters
+
+
+def set_autotune_do_bench(do_bench=None) -> None:
+    """Time autotune configs from now on with ``do_bench(kernel_call, quantiles)``; None: Triton's default."""
+    global _autotune_do_bench
+    _autotune_do_bench = do_bench
+
+
+def _do_bench(kernel_call, quantiles):
+    bench = _autotune_do_bench or triton.runtime.driver.active.get_benchmarker()
+    return bench(kernel_call, quantiles=quantiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +58,8 @@ def autotune(gpu_configs, interpreter_config, key, stage_bytes):
         TUNED_KERNELS[kernel.fn.__name__] = (kernel, gpu_configs, stage_bytes)  # for tests
         if INTERPRET:
             return triton.autotune(configs=[interpreter_config], key=key)(kernel)
-        return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
+                               **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
 
     return decorate
 
