@@ -5,7 +5,7 @@ Run:  pytest benchmarks --benchmark-only     (needs a CUDA GPU; skips cleanly wi
 import sys
 from pathlib import Path
 
-# benchmarks/ holds bench.py, whose case definitions and competitor builders the suite reuses
+# benchmarks/ holds dora_bench (bench.py's package), whose cases and competitors the suite reuses
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)

@@ -6,15 +6,19 @@
 
 Each benchmarked call ends with torch.cuda.synchronize(), so pytest-benchmark's host clock times
 the GPU work (synchronised timing). Inputs rotate through bench.py's pool, weights and adapters
-are bench.py's. Without a CUDA device every test is skipped (the CPU smoke mode is
-`python benchmarks/bench.py`). Not part of CI's test run (pyproject testpaths = ["tests"]).
-bench.py is the source of the published figures (CUDA events, L2 flush, the targets); this suite
-is for quick A/B comparisons while tuning a kernel.
+are bench.py's (its package, dora_bench). Without a CUDA device every test is skipped (the CPU
+smoke mode is `python benchmarks/bench.py`). Not part of CI's test run (pyproject testpaths =
+["tests"]). bench.py is the source of the published figures (CUDA events, L2 flush, the
+targets); this suite is for quick A/B comparisons while tuning a kernel.
 """
 import itertools
 
 import pytest
 import torch
+
+from dora_bench.cases import Case  # benchmarks/dora_bench (conftest puts benchmarks/ on sys.path)
+from dora_bench.competitors import Unavailable, prepare
+from dora_bench.instruments import cleanup, set_autotune_timing
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [
@@ -47,14 +51,12 @@ def _params():
 
 @pytest.mark.parametrize("mode,shape,M,r,comp", list(_params()))
 def test_layer(benchmark, mode, shape, M, r, comp):
-    import bench  # benchmarks/bench.py (conftest puts benchmarks/ on sys.path)
-
     dev = torch.device("cuda")
-    case = bench.Case(mode, shape, M, r, "bf16+fp32")
-    bench.patch_autotune(25.0)
+    case = Case(mode, shape, M, r, "bf16+fp32")
+    set_autotune_timing(25.0)
     try:
-        prepared = bench.prepare(case, comp, dev)
-    except bench.Unavailable as exc:
+        prepared = prepare(case, comp, dev)
+    except Unavailable as exc:
         pytest.skip(str(exc))
     try:
         _benchmark(benchmark, case, comp, dev, *prepared)
@@ -62,7 +64,7 @@ def test_layer(benchmark, mode, shape, M, r, comp):
         pytest.skip("OOM")
     finally:
         prepared = None
-        bench.cleanup(dev)
+        cleanup(dev)
 
 
 def _benchmark(benchmark, case, comp, dev, call, pool, competitor, data):

@@ -3,7 +3,6 @@ instruments: bytes saved for backward, and dense [out, in] temporaries made by a
 
 Byte counts do not depend on the device, so the interpreter proves them; fp16 stands for bf16.
 """
-import importlib.util
 import pathlib
 import sys
 
@@ -11,51 +10,49 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora import FusedDoraLinear, ops
+from fused_dora import FusedDoraLinear, autograd
 from helpers import make_inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # bench.py's package (not installed)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from dora_bench.cases import Case  # noqa: E402
+from dora_bench.competitors import build_competitor, make_call  # noqa: E402
+from dora_bench.inputs import make_data  # noqa: E402
+from dora_bench.instruments import count_dense_temporaries, saved_bytes, storage_key  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("fused_dora_bench", ROOT / "benchmarks" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def _saved(bench, case, name):
-    data = bench.make_data(case, torch.device("cpu"))
-    comp = bench.build_competitor(name, data)
+def _saved(case, name):
+    data = make_data(case, torch.device("cpu"))
+    comp = build_competitor(name, data)
     exclude = comp.owned_storages()
-    return bench.saved_bytes(comp.fwd, data.xs[0], exclude, comp.kept), data
+    return saved_bytes(comp.fwd, data.xs[0], exclude, comp.kept), data
 
 
 @pytest.mark.parametrize("mode", ["train0", "train05"])
 @pytest.mark.parametrize("dtype", ["fp16+fp32", "fp16", "fp32"])
-def test_saved_for_backward_at_most_lora_plus_one_output(bench, mode, dtype):
+def test_saved_for_backward_at_most_lora_plus_one_output(mode, dtype):
     """T9: fused_dora saves x, su [M, r] and ypre [M, N]; PEFT LoRA saves x (or its fp32 copy) and
     its own [M, r] (plus the dropout mask and the dropped x): at most one [M, N] tensor more."""
     pytest.importorskip("peft")
     M, r = 40, 16
-    case = bench.Case(mode, "cpu", M, r, dtype)
-    fused, data = _saved(bench, case, "fused")
-    lora, _ = _saved(bench, case, "peft_lora")
+    case = Case(mode, "cpu", M, r, dtype)
+    fused, data = _saved(case, "fused")
+    lora, _ = _saved(case, "peft_lora")
     act, ad = data.act.itemsize, data.ad.itemsize
     assert fused == M * case.K * act + M * r * ad + M * case.N * act  # x, su, ypre: nothing else
     assert fused <= lora + M * case.N * act
 
 
-def _op_saved_bytes(bench, fn, inputs, trainable):
-    """Bytes saved in fn(**leaves) other than the parameters' and the norm's (bench.saved_bytes);
+def _op_saved_bytes(fn, inputs, trainable):
+    """Bytes saved in fn(**leaves) other than the parameters' and the norm's (saved_bytes);
     leaves in `trainable` require grad."""
     leaves = {k: (v.detach().clone().requires_grad_(k in trainable) if v is not None else None)
               for k, v in inputs.items()}
     x = leaves.pop("x")
-    exclude = {bench._storage_key(v)[0] for v in leaves.values() if v is not None}
-    return bench.saved_bytes(lambda x: fn(x=x, **leaves), x, exclude)
+    exclude = {storage_key(v)[0] for v in leaves.values() if v is not None}
+    return saved_bytes(lambda x: fn(x=x, **leaves), x, exclude)
 
 
 def _eager_op(x, weight, bias, lora_A, lora_B, magnitude, norm):
@@ -63,7 +60,7 @@ def _eager_op(x, weight, bias, lora_A, lora_B, magnitude, norm):
 
 
 def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # the ops torch.compile calls, run eagerly
-    return ops.dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, 0.0)
+    return autograd.dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, 2.0, 0.0)
 
 
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16], ids=["fp32-adapters", "fp16-adapters"])
@@ -76,7 +73,7 @@ def _library_op(x, weight, bias, lora_A, lora_B, magnitude, norm):  # the ops to
     (("magnitude",), ("ypre",)),
     (("weight",), ("x",)),             # a trainable base weight (not DoRA, but allowed) reads x
 ], ids=["all", "x", "B", "A", "magnitude", "weight"])
-def test_saves_only_what_the_needed_gradients_read(bench, path, trainable, expect, adapter_dtype):
+def test_saves_only_what_the_needed_gradients_read(path, trainable, expect, adapter_dtype):
     """Both routes (eager autograd.Function and the torch.library op used under torch.compile);
     su [M, r] is kept in the adapters' dtype."""
     M, K, N, r = 24, 40, 32, 8
@@ -84,22 +81,22 @@ def test_saves_only_what_the_needed_gradients_read(bench, path, trainable, expec
     inputs["norm"] = fused_dora.dora_weight_norm(inputs["weight"], inputs["lora_A"], inputs["lora_B"], 2.0)
     size = {"x": M * K * 2, "su": M * r * adapter_dtype.itemsize, "ypre": M * N * 2}
     seed = 8 if path is _library_op else 0  # the op's dropout seed, a 1-element int64 tensor
-    assert _op_saved_bytes(bench, path, inputs, trainable) == sum(size[k] for k in expect) + seed
+    assert _op_saved_bytes(path, inputs, trainable) == sum(size[k] for k in expect) + seed
 
 
-def test_no_dense_weight_sized_temporary_at_high_rank(bench):
+def test_no_dense_weight_sized_temporary_at_high_rank():
     """T11: neither the training step nor the norm forms a tensor of the weight's shape, at r = 384
     (above in and out). The counter's positive control: the dense eager baseline does form one."""
     pytest.importorskip("peft")
     counts = {}
     for mode in ("train0", "norm"):
-        case = bench.Case(mode, "cpuhr", 0 if mode == "norm" else 24, 384, "fp16+fp32")
-        data = bench.make_data(case, torch.device("cpu"))
+        case = Case(mode, "cpuhr", 0 if mode == "norm" else 24, 384, "fp16+fp32")
+        data = make_data(case, torch.device("cpu"))
         for name in ("fused", "eager_dense"):
-            comp = bench.build_competitor(name, data)
-            call, _ = bench.make_call(data, comp)
+            comp = build_competitor(name, data)
+            call, _ = make_call(data, comp)
             exclude = comp.owned_storages()
-            counts[mode, name] = bench.count_dense_temporaries(lambda: call(0), case.N, case.K, exclude)[0]
+            counts[mode, name] = count_dense_temporaries(lambda: call(0), case.N, case.K, exclude)[0]
     assert counts["train0", "fused"] == 0 and counts["norm", "fused"] == 0
     assert counts["train0", "eager_dense"] > 0 and counts["norm", "eager_dense"] > 0
 

@@ -1,0 +1,91 @@
+"""CPU smoke parity: the fused Triton path (under the interpreter) against a float64 reference,
+forward and every gradient, with and without dropout; PEFT DoRA beside it for comparison."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .cases import DROPOUT, Case, torch_dtype
+from .competitors import Unavailable, build_peft_layer, linear_sharing, set_param
+from .inputs import CaseData
+from .instruments import rel_err
+
+
+def smoke_parity(dev: torch.device, log) -> bool:
+    from fused_dora import FusedDoraLinear, reference
+    from fused_dora.functional import draw_dropout_seed, triton_available_for
+
+    why = triton_available_for(dev)
+    if why:
+        log(f"  parity: fused Triton path cannot run here ({why}); skipped")
+        return True
+    M, K, N, r = 33, 48, 40, 8
+    s = 2.0
+    ok = True
+    log(f"  parity at M={M}, in={K}, out={N}, r={r}: relative error ||a - b|| / ||b|| against float64")
+    log("  | dtype | dropout | path | y | dx | dA | dB | dmag | tol | ok |")
+    log("  |---|---|---|---|---|---|---|---|---|---|---|")
+    for act_name, tol in (("float32", 1e-4), ("float16", 2e-3)):
+        act = torch_dtype(act_name)
+        for p in (0.0, DROPOUT):
+            g = torch.Generator().manual_seed(5)
+            W = nn.Parameter((torch.randn(N, K, generator=g) / math.sqrt(K)).to(dev, act), requires_grad=False)
+            A = torch.randn(r, K, generator=g) / math.sqrt(K)
+            B = torch.randn(N, r, generator=g) * 0.2
+            mag = torch.linalg.vector_norm(W.double() + s * B.double() @ A.double(), dim=1) * (
+                1 + 0.1 * torch.randn(N, generator=g, dtype=torch.float64))
+            x0 = torch.randn(M, K, generator=g).to(dev, act)
+            gy = torch.randn(M, N, generator=g).to(dev, act)
+            layer = FusedDoraLinear.from_linear(linear_sharing(W), r=r, lora_alpha=s * r, lora_dropout=p,
+                                                adapter_dtype=torch.float32)
+            layer.backend = "triton"
+            for prm, val in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, mag)):
+                set_param(prm, val, torch.float32)
+            layer.clear_norm_cache()
+            layer.train()
+            x = x0.clone().requires_grad_(True)
+            mask = None
+            if p > 0:  # the seed the op will draw, to rebuild its mask for the reference
+                state = torch.get_rng_state()
+                seed = draw_dropout_seed()
+                torch.set_rng_state(state)
+            y = layer(x)
+            y.backward(gy)
+            if p > 0:
+                try:
+                    from fused_dora.kernels import dropout_mask
+
+                    mask = dropout_mask(seed, M, K, p, dev)
+                except Exception as exc:
+                    log(f"  | {act_name} | {p} | fused | dropout mask not reproducible ({exc}); skipped |")
+                    continue
+            x64 = x0.double().requires_grad_(True)
+            A64, B64, m64 = (t.double().clone().requires_grad_(True) for t in (A, B, mag))
+            y64 = reference.dora_linear(x64, W.double(), None, A64, B64, m64, s, p, training=p > 0, dropout_mask=mask)
+            y64.backward(gy.double())
+            errs = [rel_err(y, y64), rel_err(x.grad, x64.grad), rel_err(layer.lora_A.grad, A64.grad),
+                    rel_err(layer.lora_B.grad, B64.grad), rel_err(layer.magnitude.grad, m64.grad)]
+            good = all(e <= tol for e in errs)
+            ok &= good
+            log(f"  | {act_name} | {p} | fused (Triton, interpreter) | " + " | ".join(f"{e:.1e}" for e in errs)
+                + f" | {tol:g} | {'ok' if good else 'FAIL'} |")
+            if p == 0:  # PEFT DoRA computes the same function without dropout
+                try:
+                    data = CaseData(Case("train0", "tiny", M, r), dev, act, torch.float32, W, A.float(), B.float(),
+                                    mag.float(), [], [])
+                    peft_layer, _ = build_peft_layer(data, True, W)
+                    xp = x0.clone().requires_grad_(True)
+                    yp = peft_layer(xp)
+                    yp.backward(gy)
+                    pa = peft_layer.lora_A["default"].weight.grad
+                    pb = peft_layer.lora_B["default"].weight.grad
+                    pm = peft_layer.lora_magnitude_vector["default"].weight.grad
+                    perrs = [rel_err(yp, y64), rel_err(xp.grad, x64.grad), rel_err(pa, A64.grad),
+                             rel_err(pb, B64.grad), rel_err(pm, m64.grad)]
+                    log(f"  | {act_name} | {p} | PEFT DoRA (for comparison) | " + " | ".join(f"{e:.1e}" for e in perrs)
+                        + " | - | info |")
+                except Unavailable as exc:
+                    log(f"  | {act_name} | {p} | PEFT DoRA | skipped: {exc} |")
+    return ok
