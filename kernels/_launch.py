@@ -2,6 +2,7 @@
 import functools
 import inspect
 import os
+from typing import Callable, List, NamedTuple
 
 import torch
 import triton
@@ -31,12 +32,16 @@ def _do_bench(kernel_call, quantiles):
     return bench(kernel_call, quantiles=quantiles)
 
 
+def smem_budget(max_shared_mem: int) -> int:
+    """The shared memory that pruning lets a config's estimate use: 90% of a block's maximum."""
+    return int(max_shared_mem * 0.9)
+
+
 @functools.lru_cache(maxsize=None)
-def _smem_budget(device_index: int) -> int:
-    """Shared memory one block may use on this GPU, less a margin for epilogue scratch."""
+def _device_smem_budget(device_index: int) -> int:
     try:
         props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-        return int(props["max_shared_mem"] * 0.9)
+        return smem_budget(props["max_shared_mem"])
     except Exception:  # unknown driver API: assume a Hopper-class 227 KB
         return 200 * 1024
 
@@ -51,20 +56,29 @@ def autotune(gpu_configs, interpreter_config, key, stage_bytes):
     only the first config that fits.
     """
     def prune(configs, nargs, **kwargs):
-        budget = _smem_budget(torch.cuda.current_device())
+        budget = _device_smem_budget(torch.cuda.current_device())
         return fitting_configs(configs, {**nargs, **kwargs}, stage_bytes, budget, keep_all=AUTOTUNE)
 
     def decorate(kernel):
-        TUNED_KERNELS[kernel.fn.__name__] = (kernel, gpu_configs, stage_bytes)  # for tests
         if INTERPRET:
-            return triton.autotune(configs=[interpreter_config], key=key)(kernel)
-        return triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
-                               **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
+            tuned = triton.autotune(configs=[interpreter_config], key=key)(kernel)
+        else:
+            tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                    **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
+        TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, stage_bytes)
+        return tuned
 
     return decorate
 
 
-# name -> (jit kernel, GPU configs, stage_bytes) of every kernel decorated by `autotune`
+class TunedKernel(NamedTuple):
+    """A kernel decorated by `autotune`: for tests and benchmarks/compile_report.py."""
+    kernel: "triton.runtime.Autotuner"  # .fn is the @triton.jit function, .arg_names its arguments
+    configs: List[triton.Config]        # the GPU search space
+    stage_bytes: Callable[[dict], int]  # one pipeline stage's shared bytes, from arguments + config
+
+
+# kernel name -> TunedKernel, for every kernel decorated by `autotune`
 TUNED_KERNELS = {}
 
 

@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Compile every fused_dora kernel for a named GPU on a machine without one, and report.
+
+    python benchmarks/compile_report.py --target sm_90                   markdown on stdout
+    python benchmarks/compile_report.py --target sm_80 --out benchmarks/results/compile_report_sm80.md
+    python benchmarks/compile_report.py --target sm_90 --subset ci --check --json report.json
+
+Every autotuned kernel x every GPU config x the dtype combinations the API accepts (activations
+fp16 / bf16 / fp32; adapters fp32 or the activation dtype) x r in {16, 384} x dropout on / off
+(where the kernel has that switch). The real launchers run on meta tensors with each kernel's
+launch captured instead of executed, so the arguments (block sizes, precisions, upcasts,
+specialisations) are the ones a GPU run would pass; each config is then compiled through
+``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache keeps
+the results (a re-run is quick); compiles run in a process pool (``--jobs``).
+
+Per config: the launcher's shared-memory estimate (``stage_bytes * num_stages``, what
+_launch.autotune prunes by) against the compiled ``metadata.shared``; whether the autotuner can
+pick the config on that GPU (it survives the pruning); registers and stack (spill) bytes per
+thread from the bundled ``cuobjdump -res-usage``; the tensor-core instructions in the PTX
+(wgmma: Hopper warpgroup MMA; mma: the Ampere-style mma.sync).
+
+``--check`` exits 1 on what tests/test_compile_report.py fails on: a compile error, a spill in
+a pickable config, an estimate below the compiled figure, a GEMM tile with BLOCK_M >= 64
+without wgmma on sm_90.
+"""
+from __future__ import annotations
+
+import os
+
+# Compiling needs Triton's real JIT, not its interpreter (tests/conftest.py sets the variable).
+os.environ.pop("TRITON_INTERPRET", None)
+
+import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import multiprocessing  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fused_dora import composition  # noqa: E402
+from fused_dora.kernels._launch import TUNED_KERNELS, fitting_configs, smem_budget  # noqa: E402
+
+warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+# name -> (Triton target, max shared memory per block (opt-in) in bytes, GPUs)
+TARGETS = {
+    "sm_80": (GPUTarget("cuda", 80, 32), 166912, "A100"),
+    "sm_90": (GPUTarget("cuda", 90, 32), 232448, "H100 / H200"),
+    "sm_100": (GPUTarget("cuda", 100, 32), 232448, "B200"),
+}
+GEMM_KERNELS = ("_dora_forward_kernel", "_dora_input_grad_kernel")  # the two [M, N, K] GEMMs
+SHAPE = dict(M=4096, K=4096, N=4096)  # sizes only decide specialisations (multiples of 16)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (activations, adapters): what dora_linear accepts
+DTYPE_PAIRS = [("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")]
+RANKS = (16, 384)
+# the CI test's subset: PEFT's default (bf16 + fp32 adapters) at both ranks and all-bf16 at the
+# high rank, every kernel and config, dropout on (the heavier variant)
+SUBSETS = {
+    "full": [(x, a, r, d) for x, a in DTYPE_PAIRS for r in RANKS for d in (False, True)],
+    "ci": [("bf16", "fp32", 16, True), ("bf16", "fp32", 384, True), ("bf16", "bf16", 384, True)],
+}
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+class TargetDriver(DriverBase):
+    """A compile-only stand-in for the CUDA driver: reports ``target``, launches nothing."""
+
+    def __init__(self, target: GPUTarget):
+        super().__init__()
+        self.target = target
+
+    @classmethod
+    def is_active(cls):
+        return False  # never chosen by Triton itself; installed with driver.set_active
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+    def map_python_to_cpp_type(self, ty):
+        raise NotImplementedError("compile only")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("compile only")
+
+
+# ---------------------------------------------------------------- launches, captured on meta tensors
+
+def _record(calls, name, *args, grid, warmup, **kwargs):
+    calls.append((name, args, kwargs))
+
+
+def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
+    """[(kernel name, args, kwargs)] of every autotuned launch of one training step.
+
+    fused_dora's own composition of the launchers (the norm, the fused forward, the fused
+    backward with every gradient) runs on meta tensors; each kernel's launch is recorded instead
+    of run.
+    """
+    M, Kd, N = SHAPE["M"], SHAPE["K"], SHAPE["N"]
+    p, seed, s, meta = (0.1 if dropout else 0.0), 1234, 2.0, "meta"
+    x = torch.empty(M, Kd, dtype=x_dtype, device=meta)
+    w = torch.empty(N, Kd, dtype=x_dtype, device=meta)
+    bias = torch.empty(N, dtype=x_dtype, device=meta)
+    a = torch.empty(r, Kd, dtype=adapter_dtype, device=meta)
+    b = torch.empty(N, r, dtype=adapter_dtype, device=meta)
+    mag = torch.empty(N, dtype=adapter_dtype, device=meta)
+    dy = torch.empty(M, N, dtype=x_dtype, device=meta)
+    calls = []
+    for name, tuned in TUNED_KERNELS.items():
+        tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
+    try:
+        norm = composition.row_norm(w, a, b, s)
+        _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True)
+        scale = torch.empty(N, dtype=torch.float32, device=meta)
+        composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True, True)
+    finally:
+        for tuned in TUNED_KERNELS.values():
+            del tuned.kernel.run
+    return calls
+
+
+def _plain(value):
+    """An argument as the compile worker gets it: tensors become their dtype (a MockTensor)."""
+    return value.dtype if isinstance(value, torch.Tensor) else value
+
+
+def build_jobs(target_name: str, cases):
+    """One row per (case, kernel, config); compile jobs deduplicated by what is compiled."""
+    budget = smem_budget(TARGETS[target_name][1])
+    rows, jobs, seen = [], {}, set()
+    for xd, ad, r, dropout in cases:
+        for name, args, kwargs in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout):
+            tuned = TUNED_KERNELS[name]
+            arg_map = {**dict(zip(tuned.kernel.arg_names, args)), **kwargs}
+            switch = dropout if "HAS_DROPOUT" in kwargs else None  # None: the kernel has no dropout switch
+            if (name, xd, ad, r, switch) in seen:
+                continue
+            seen.add((name, xd, ad, r, switch))
+            plain_args = tuple(_plain(v) for v in args)
+            pickable = fitting_configs(tuned.configs, arg_map, tuned.stage_bytes, budget)
+            default = fitting_configs(tuned.configs, arg_map, tuned.stage_bytes, budget, keep_all=False)[0]
+            for i, cfg in enumerate(tuned.configs):
+                key = (name, repr(plain_args), repr(sorted(kwargs.items())), i)
+                jobs[key] = (target_name, name, plain_args, kwargs, i)
+                rows.append(dict(
+                    kernel=name, x=xd, adapters=ad, r=r, dropout=switch,
+                    config=i, blocks={k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_")},
+                    block_r=kwargs.get("BLOCK_R"), warps=cfg.num_warps, stages=cfg.num_stages,
+                    estimate=tuned.stage_bytes({**arg_map, **cfg.kwargs}) * cfg.num_stages,
+                    pickable=cfg in pickable, default=cfg is default, key=key,
+                ))
+    return rows, jobs
+
+
+# ---------------------------------------------------------------- compiling (in worker processes)
+
+_WORKER_TARGET = None
+
+
+def compile_one(job):
+    """{shared, regs, stack, mma, error, seconds} for one (target, kernel, args, config)."""
+    global _WORKER_TARGET
+    target_name, name, args, kwargs, config_index = job
+    tuned = TUNED_KERNELS[name]
+    if _WORKER_TARGET != target_name:  # a JITFunction caches its target per device: reset it
+        driver.set_active(TargetDriver(TARGETS[target_name][0]))
+        for t in TUNED_KERNELS.values():
+            t.kernel.fn.device_caches.clear()
+        _WORKER_TARGET = target_name
+    cfg = tuned.configs[config_index]
+    start = time.perf_counter()
+    try:
+        compiled = tuned.kernel.fn.warmup(*args, grid=(1,), **kwargs, **cfg.all_kwargs())
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
+                    seconds=time.perf_counter() - start)
+    regs, stack = resource_usage(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
+    mma = "+".join(m for m, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if pat in ptx) or "none"
+    return dict(shared=compiled.metadata.shared, regs=regs, stack=stack, mma=mma, error=None,
+                seconds=time.perf_counter() - start)
+
+
+def resource_usage(cubin: bytes):
+    """(registers, stack bytes) per thread, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return int(match.group(1)), int(match.group(2))
+
+
+def compile_all(jobs: dict, workers: int, progress=None):
+    """key -> compile_one's result, ``workers`` processes (forked: they inherit the kernels)."""
+    results = {}
+    items = list(jobs.items())
+    if workers <= 1:
+        for i, (key, job) in enumerate(items):
+            results[key] = compile_one(job)
+            if progress:
+                progress(i + 1, len(items))
+        return results
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(compile_one, job): key for key, job in items}
+        for i, fut in enumerate(concurrent.futures.as_completed(futures)):
+            results[futures[fut]] = fut.result()
+            if progress:
+                progress(i + 1, len(items))
+    return results
+
+
+# ---------------------------------------------------------------- checks and the report
+
+def problems(row, target_name: str):
+    """What the CI test fails on, for one compiled row (an empty list when clean)."""
+    found = []
+    if row["error"]:
+        return [f"compile error: {row['error']}"]
+    if row["pickable"] and row["stack"] > 0:
+        found.append(f"spills {row['stack']} B/thread in a pickable config")
+    if row["estimate"] < row["shared"]:
+        found.append(f"shared-memory estimate {row['estimate']} B < compiled {row['shared']} B")
+    if (target_name == "sm_90" and row["kernel"] in GEMM_KERNELS and row["blocks"]["BLOCK_M"] >= 64
+            and "wgmma" not in row["mma"]):
+        found.append("BLOCK_M >= 64 GEMM tile without wgmma")
+    return found
+
+
+def _case(row):
+    drop = {None: "-", False: "off", True: "on"}[row["dropout"]]
+    return f"{row['x']}/{row['adapters']}", str(row["r"]), drop
+
+
+def _tile(row):
+    return "x".join(str(v) for v in row["blocks"].values())
+
+
+def markdown(target_name: str, rows, seconds: float) -> str:
+    target, max_smem, gpus = TARGETS[target_name]
+    budget = smem_budget(max_smem)
+    out = [
+        f"# Compile report: {target_name} ({gpus})",
+        "",
+        f"triton {triton.__version__}, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
+        f"git {_git_rev()}; {len(rows)} kernel x config x case rows, compiled in {seconds:.0f} s. "
+        f"Generated by `python benchmarks/compile_report.py --target {target_name}`.",
+        "",
+        f"Shared memory: {max_smem:,} B per block; configs whose estimate exceeds {budget:,} B (90%) are "
+        "pruned before compiling, so only the rest are *pickable*. *est.*: the launcher's estimate "
+        "(stage_bytes x num_stages); *smem*: compiled. *spill*: stack bytes per thread (0 = no spill). "
+        "*mma*: tensor-core instructions in the PTX. *dflt*: the config FUSED_DORA_AUTOTUNE=0 takes.",
+        "",
+        "## Summary",
+        "",
+        "| kernel | rows | errors | pickable | pickable spilling | pruned spilling | max regs (pickable) "
+        "| est. < smem | large tile w/o wgmma |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in TUNED_KERNELS:
+        mine = [r for r in rows if r["kernel"] == name]
+        ok = [r for r in mine if not r["error"]]
+        pick = [r for r in ok if r["pickable"]]
+        no_wgmma = [r for r in ok if name in GEMM_KERNELS and r["blocks"]["BLOCK_M"] >= 64 and "wgmma" not in r["mma"]]
+        out.append(
+            f"| `{name}` | {len(mine)} | {len(mine) - len(ok)} | {len(pick)} "
+            f"| {sum(r['stack'] > 0 for r in pick)} | {sum(r['stack'] > 0 for r in ok if not r['pickable'])} "
+            f"| {max((r['regs'] for r in pick), default='-')} | {sum(r['estimate'] < r['shared'] for r in ok)} "
+            f"| {len(no_wgmma) if target_name == 'sm_90' else '-'} |")
+    failing = [(r, p) for r in rows for p in problems(r, target_name)]
+    out += ["", f"## Problems ({len(failing)})", ""]
+    out += [f"- `{r['kernel']}` {' '.join(_case(r))} tile {_tile(r)} w{r['warps']} s{r['stages']}: {p}"
+            for r, p in failing] or ["None: no compile error, no spill in a pickable config, every estimate an "
+                                     "upper bound" + (", wgmma in every large GEMM tile." if target_name == "sm_90"
+                                                      else ".")]
+    for name in TUNED_KERNELS:
+        mine = [r for r in rows if r["kernel"] == name]
+        if not mine:
+            continue
+        blocks = "x".join(k.replace("BLOCK_", "") for k in mine[0]["blocks"])
+        out += ["", f"## `{name}`", "",
+                f"| x/adapters | r | dropout | {blocks} | R | warps | stages | est. | smem | pickable | regs "
+                "| spill | mma |",
+                "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+        for r in mine:
+            pick = ("dflt" if r["default"] else "yes") if r["pickable"] else "no"
+            if r["error"]:
+                tail = f"| - | {pick} | error: {r['error']} | | |"
+            else:
+                tail = f"| {r['shared']:,} | {pick} | {r['regs']} | {r['stack']} | {r['mma']} |"
+            out.append(f"| {' | '.join(_case(r))} | {_tile(r)} | {r['block_r']} | {r['warps']} | {r['stages']} "
+                       f"| {r['estimate']:,} {tail}")
+    return "\n".join(out) + "\n"
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def report(target_name: str, subset: str = "full", workers: int = 2, kernels=None, progress=None):
+    """(rows, seconds): every row of ``subset`` for ``target_name``, compiled."""
+    rows, jobs = build_jobs(target_name, SUBSETS[subset])
+    if kernels:
+        rows = [r for r in rows if r["kernel"] in kernels]
+        jobs = {k: j for k, j in jobs.items() if j[1] in kernels}
+    start = time.perf_counter()
+    results = compile_all(jobs, workers, progress)
+    for row in rows:
+        row.update(results[row.pop("key")])
+    return rows, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="sm_90", help=f"comma-separated, of {', '.join(TARGETS)}")
+    ap.add_argument("--subset", choices=sorted(SUBSETS), default="full")
+    ap.add_argument("--kernels", help="comma-separated kernel names (default: all)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    ap.add_argument("--out", help="also write the markdown here (one target)")
+    ap.add_argument("--json", help="write the rows as JSON here ({target: rows})")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a row has a problem (see problems())")
+    opts = ap.parse_args(argv)
+    kernels = opts.kernels.split(",") if opts.kernels else None
+    everything, bad = {}, 0
+    for target_name in opts.target.split(","):
+        def progress(done, total):
+            if done % 20 == 0 or done == total:
+                print(f"[{target_name}] compiled {done}/{total}", file=sys.stderr, flush=True)
+
+        rows, seconds = report(target_name, opts.subset, opts.jobs, kernels, progress)
+        text = markdown(target_name, rows, seconds)
+        print(text)
+        if opts.out:
+            Path(opts.out).write_text(text)
+        everything[target_name] = rows
+        bad += sum(bool(problems(r, target_name)) for r in rows)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(everything, indent=1))
+    return 1 if (opts.check and bad) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
