@@ -2,7 +2,7 @@
 import functools
 import inspect
 import os
-from typing import Callable, List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -46,52 +46,119 @@ def _device_smem_budget(device_index: int) -> int:
         return 200 * 1024
 
 
-def autotune(gpu_configs, interpreter_config, key, stage_bytes):
+def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
     """``triton.autotune`` over ``gpu_configs``; one fixed config under the interpreter.
 
     The interpreter cannot benchmark (no driver); autotune with one config never benchmarks.
-    On a GPU, configs whose pipelined tiles cannot fit in shared memory are pruned before they
-    are compiled: ``stage_bytes(args)`` estimates one pipeline stage's bytes from the kernel's
-    arguments and the config's block sizes (args: a dict of both). FUSED_DORA_AUTOTUNE=0 keeps
-    only the first config that fits.
+    On a GPU, configs are pruned before they are compiled (see `pickable_configs`):
+    ``smem_bytes(args)`` bounds the shared memory a config needs, from the kernel's arguments and
+    the config (args: a dict of both, with num_warps and num_stages); and the configs measured to
+    spill registers on this GPU's architecture for this case (_spills.SPILLS, written by
+    benchmarks/compile_report.py) are left out. ``case_dtypes``: the names of the pointer
+    arguments that carry the activation and the adapter dtypes (None: no such argument), part of
+    the case key (see `spill_case`). FUSED_DORA_AUTOTUNE=0 keeps only the first config left.
     """
     def prune(configs, nargs, **kwargs):
-        budget = _device_smem_budget(torch.cuda.current_device())
-        return fitting_configs(configs, {**nargs, **kwargs}, stage_bytes, budget, keep_all=AUTOTUNE)
+        device = torch.cuda.current_device()
+        args = {**nargs, **kwargs}
+        return pickable_configs(configs, args, smem_bytes, _device_smem_budget(device),
+                                spilling=tuned_kernel.spilling(args, _device_arch(device)), keep_all=AUTOTUNE)
 
     def decorate(kernel):
+        nonlocal tuned_kernel
         if INTERPRET:
             tuned = triton.autotune(configs=[interpreter_config], key=key)(kernel)
         else:
             tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
                                     **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
-        TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, stage_bytes)
+        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, smem_bytes, case_dtypes)
         return tuned
 
+    tuned_kernel = None
     return decorate
 
 
 class TunedKernel(NamedTuple):
-    """A kernel decorated by `autotune`: for tests and benchmarks/compile_report.py."""
+    """A kernel decorated by `autotune`: for the pruning, tests and benchmarks/compile_report.py."""
     kernel: "triton.runtime.Autotuner"  # .fn is the @triton.jit function, .arg_names its arguments
     configs: List[triton.Config]        # the GPU search space
-    stage_bytes: Callable[[dict], int]  # one pipeline stage's shared bytes, from arguments + config
+    smem_bytes: Callable[[dict], int]   # a config's shared bytes (an upper bound), from arguments + config
+    case_dtypes: Tuple[str, Optional[str]]  # see `autotune`
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def spilling(self, args, arch: Optional[int]) -> frozenset:
+        """Names (`config_name`) of the configs measured to spill registers for ``args`` on ``arch``."""
+        from ._spills import SPILLS
+
+        return frozenset(SPILLS.get(self.name, {}).get(arch, {}).get(spill_case(args, self.case_dtypes), ()))
 
 
 # kernel name -> TunedKernel, for every kernel decorated by `autotune`
 TUNED_KERNELS = {}
 
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-def fitting_configs(configs, args, stage_bytes, budget: int, keep_all: bool = True):
-    """The configs whose pipelined tiles fit in ``budget`` bytes of shared memory.
 
-    Never empty: if none fits, the one needing least. ``keep_all=False``: the first only.
+def spill_case(args, case_dtypes) -> str:
+    """The case key of _spills.SPILLS for a kernel's arguments, e.g. "bf16/fp32 R64 dropout tf32x3":
+    activation / adapter dtypes, BLOCK_R (32 counts as 64: the report measures 16 and 64), the
+    dropout or q switch, and PRECISION."""
+    x, adapters = (_DTYPE_NAMES.get(args[n].dtype, str(args[n].dtype)) if n else "-" for n in case_dtypes)
+    block_r = 16 if args.get("BLOCK_R", 16) <= 16 else 64
+    return f"{x}/{adapters} R{block_r} {case_variant(args)} {args.get('PRECISION', '-')}"
+
+
+def case_variant(args) -> str:
+    """The switch a case is about: dropout on / off, or the forward's training (q stored) / inference."""
+    if "HAS_DROPOUT" in args:
+        return "dropout" if args["HAS_DROPOUT"] else "no-dropout"
+    if "STORE_Q" in args:
+        return "training" if args["STORE_Q"] else "inference"
+    return "-"
+
+
+def config_name(cfg: triton.Config) -> str:
+    """'128x256x64 w8 s3': the block sizes (in the config's order), warps and stages."""
+    blocks = "x".join(str(v) for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{blocks} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def pickable_configs(configs, args, smem_bytes, budget: int, spilling=frozenset(), keep_all: bool = True):
+    """The configs the autotuner may pick: ``smem_bytes`` says they fit in ``budget`` bytes of
+    shared memory, and their `config_name` is not in ``spilling``.
+
+    Never empty: if none is left, the fitting ones, else the one needing least shared memory.
+    ``keep_all=False``: the first only.
     """
     def need(cfg):
-        return stage_bytes({**args, **cfg.kwargs}) * cfg.num_stages
+        return smem_bytes({**args, **cfg.all_kwargs()})
 
-    fit = [c for c in configs if need(c) <= budget] or [min(configs, key=need)]
-    return fit if keep_all else fit[:1]
+    fit = [c for c in configs if need(c) <= budget]
+    left = [c for c in fit if config_name(c) not in spilling] or fit or [min(configs, key=need)]
+    return left if keep_all else left[:1]
+
+
+def fitting_configs(configs, args, smem_bytes, budget: int, keep_all: bool = True):
+    """`pickable_configs` by shared memory alone."""
+    return pickable_configs(configs, args, smem_bytes, budget, keep_all=keep_all)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def narrow_row_stride(t: torch.Tensor, tile_rows: int = 256) -> torch.Tensor:
+    """t [rows, cols], copied row-major if offsets within a tile of ``tile_rows`` rows would not
+    fit in 32 bits. The kernels offset each tile's first row in 64 bits (M * stride may pass
+    2**31) and the rest of the tile in 32 (cheaper: fewer registers in the GEMMs)."""
+    if t.stride(0) * tile_rows >= 2**31:
+        return t.contiguous()
+    return t
 
 
 def block_r(r: int) -> int:
@@ -104,6 +171,16 @@ def block_r(r: int) -> int:
     if INTERPRET:
         return 16
     return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def gemm_block_r(r: int) -> int:
+    """Rank chunk of the LoRA steps inside the two [M, N, K] GEMMs: `block_r`, but 16 on GPUs
+    before Hopper. There mma.sync takes both operands from registers, and wider chunks of the
+    fp32 (or 16-bit) adapter tiles beside a large accumulator spill registers in most large
+    tiles (benchmarks/compile_report.py); on Hopper wgmma reads them from shared memory."""
+    if INTERPRET:
+        return 16
+    return block_r(r) if triton.runtime.driver.active.get_current_target().arch >= 90 else 16
 
 
 def dot_precision(dtype: torch.dtype) -> str:

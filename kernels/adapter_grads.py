@@ -13,31 +13,40 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, lora_precision, split_count
+from ._launch import autotune, block_r, lora_precision, narrow_row_stride, split_count
 from .dropout import dropout_keep
 
 _COLPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-    for bm, bc, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 8, 3)]
+    for bm, bc, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 3), (32, 256, 8, 3),
+                         # smaller per-thread tiles, for cases where the ones above spill registers
+                         (64, 64, 8, 4), (32, 128, 8, 4), (32, 64, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4)]
 ]
 _COLPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})
 
 
 @triton.jit
-def _slice_bounds(M, M_SPLITS):
-    rows_per_split = tl.cdiv(M, M_SPLITS)
+def _slice_bounds(M, m_splits):
+    """[begin, end) of this program's slice of the M rows (program_id(2) of m_splits)."""
+    rows_per_split = tl.cdiv(M, m_splits)
     begin = tl.program_id(2) * rows_per_split
     return begin, tl.minimum(begin + rows_per_split, M)
 
 
+def _mag_b_smem_bytes(a) -> int:
+    """The dy, q and su tiles of each pipeline stage (su counted at fp32)."""
+    return a["num_stages"] * a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"])
+
+
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
-          key=["N", "R", "M_SPLITS", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
-          # dy and q tiles, and the su tile (counted at fp32: an upper bound)
-          stage_bytes=lambda a: a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]))
+          key=["N", "R", "m_splits", "COMPUTE_MAG", "COMPUTE_B", "PRECISION"],
+          smem_bytes=_mag_b_smem_bytes, case_dtypes=("dy_ptr", "su_ptr"))
 @triton.jit
 def _magnitude_and_B_grad_kernel(
-    dy_ptr, q_ptr, su_ptr, dmag_ptr, db_ptr,      # dy, q [M, N]; su [M, R]; dmag [S, N]; db [S, N, R]
-    M, N, R, M_SPLITS,
+    dy_ptr, q_ptr, su_ptr,               # dy, q [M, N] (q contiguous); su [M, R] contiguous
+    dmag_ptr, db_ptr,                    # partial sums per slice: dmag [S, N], db [S, N, R] fp32
+    M, N, R,
+    m_splits,                            # S, the slices of M reduced in parallel
     stride_dym, stride_dyn,
     COMPUTE_MAG: tl.constexpr, COMPUTE_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -47,7 +56,7 @@ def _magnitude_and_B_grad_kernel(
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     out_ok = outs < N
     rank_ok = ranks < R
-    m_begin, m_end = _slice_bounds(M, M_SPLITS)
+    m_begin, m_end = _slice_bounds(M, m_splits)
     mag_here = tl.program_id(1) == 0  # the first rank chunk owns the magnitude sum
     dtype = dy_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
@@ -55,18 +64,21 @@ def _magnitude_and_B_grad_kernel(
 
     dmag = tl.zeros((BLOCK_C,), dtype=tl.float32)
     db = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_M)   # within the tile: 32-bit offsets
+    first = m_begin.to(tl.int64)   # 64-bit: M * stride may pass 2**31
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * row stride may pass 2**31
-        row_ok = rows < m_end
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+        row0 = first + (m0 - m_begin)
+        row_ok = rows < m_end - m0
+        dy = tl.load(dy_ptr + row0 * stride_dym + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
         if COMPUTE_MAG:
             if mag_here:
-                q = tl.load(q_ptr + rows[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :],
-                            other=0.0)
+                q = tl.load(q_ptr + row0 * N + rows[:, None] * N + outs[None, :],
+                            mask=row_ok[:, None] & out_ok[None, :], other=0.0)
                 dmag += tl.sum(dy.to(tl.float32) * q.to(tl.float32), axis=0)
         if COMPUTE_B:
-            su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            su = tl.load(su_ptr + row0 * R + rows[:, None] * R + ranks[None, :],
+                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
             db = tl.dot(tl.trans(dy.to(dtype)), su.to(dtype), db, input_precision=PRECISION)
     split = tl.program_id(2)
     if COMPUTE_MAG:
@@ -85,6 +97,7 @@ def magnitude_and_B_grads(dy, q, su, compute_mag: bool, compute_B: bool, splits:
     splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
     adapter_dtype (lora_B's) picks the precision of dy.T @ su (see _launch.lora_precision).
     """
+    dy = narrow_row_stride(dy)
     M, N = dy.shape
     upcast, precision = lora_precision(dy.dtype, adapter_dtype)
     if not compute_B:  # su is not needed (and may be None): a dummy rank, no rank chunks
@@ -104,15 +117,20 @@ def magnitude_and_B_grads(dy, q, su, compute_mag: bool, compute_B: bool, splits:
     return (dmag.sum(0) if compute_mag else None), (db.sum(0) if compute_B else None)
 
 
+def _a_grad_smem_bytes(a) -> int:
+    """The x tile (counted at fp32 when upcast) and the v tile (fp32) of each pipeline stage."""
+    xs = 4 if a["UPCAST"] else a["x_ptr"].element_size()
+    return a["num_stages"] * a["BLOCK_M"] * (a["BLOCK_C"] * xs + 4 * a["BLOCK_R"])
+
+
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
-          key=["K", "R", "M_SPLITS", "HAS_DROPOUT", "PRECISION"],
-          # the x tile (staged in fp32 when upcast) and the v tile (fp32)
-          stage_bytes=lambda a: a["BLOCK_M"] * (a["BLOCK_C"] * (4 if a["UPCAST"] else a["x_ptr"].element_size())
-                                                + 4 * a["BLOCK_R"]))
+          key=["K", "R", "m_splits", "HAS_DROPOUT", "PRECISION"],
+          smem_bytes=_a_grad_smem_bytes, case_dtypes=("x_ptr", None))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_A_grad_kernel(
-    v_ptr, x_ptr, da_ptr,                 # v [M, R] fp32; x [M, K]; da [S, R, K] fp32
-    M, K, R, M_SPLITS,
+    v_ptr, x_ptr, da_ptr,                 # v [M, R] fp32 contiguous; x [M, K]; da [S, R, K] fp32
+    M, K, R,
+    m_splits,                             # S, the slices of M reduced in parallel
     stride_xm, stride_xk,
     seed, p,
     HAS_DROPOUT: tl.constexpr,
@@ -123,20 +141,23 @@ def _lora_A_grad_kernel(
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = cols < K
     rank_ok = ranks < R
-    m_begin, m_end = _slice_bounds(M, M_SPLITS)
+    m_begin, m_end = _slice_bounds(M, m_splits)
     dtype = x_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
         dtype = tl.float32
 
     da = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_M)   # within the tile: 32-bit offsets
+    first = m_begin.to(tl.int64)   # 64-bit: M * stride may pass 2**31
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * row stride may pass 2**31
-        row_ok = rows < m_end
-        v_t = tl.load(v_ptr + ranks[:, None] + rows[None, :] * R, mask=rank_ok[:, None] & row_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        row0 = first + (m0 - m_begin)
+        row_ok = rows < m_end - m0
+        v_t = tl.load(v_ptr + row0 * R + ranks[:, None] + rows[None, :] * R, mask=rank_ok[:, None] & row_ok[None, :],
+                      other=0.0)
+        x = tl.load(x_ptr + row0 * stride_xm + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:  # regenerate the forward's mask
-            keep = dropout_keep(seed, rows, cols, K, p)
+            keep = dropout_keep(seed, row0 + rows, tl.program_id(0) * BLOCK_C, p, BLOCK_C)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
         da = tl.dot(v_t.to(dtype), x.to(dtype), da, input_precision=PRECISION)
     split = tl.program_id(2)
@@ -150,6 +171,7 @@ def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: 
     v [M, r] fp32 contiguous, x [M, K] (any strides). splits, adapter_dtype: as for
     magnitude_and_B_grads.
     """
+    x = narrow_row_stride(x)
     M, K = x.shape
     upcast, precision = lora_precision(x.dtype, adapter_dtype)
     R = v.shape[1]

@@ -1,34 +1,31 @@
 """Input-gradient kernels (the norm is a constant, so e = dy * c is the only coupling):
 
     v  = e @ B                                  lora_up_grad     [M, r] fp32, one pass over dy
-    dx = e @ W + s * dropout_bwd(v @ A)         dora_input_grad  one GEMM; c applied as dy is
-                                                                 loaded, the LoRA term and the
-                                                                 regenerated mask in the epilogue
+    dx = s * dropout_bwd(v @ A) + e @ W         dora_input_grad  one GEMM, one accumulator: the
+                                                                 masked LoRA term first, then the
+                                                                 main loop onto it, c applied as
+                                                                 dy is loaded
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, dot_precision, lora_precision, m_bucket
+from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile
+from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
-from .forward import _GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, grouped_tile
-
-
-def _as_input_grad_config(cfg: triton.Config) -> triton.Config:
-    """The forward GEMM's tile shapes for dx: output [BLOCK_M, BLOCK_K], reduction step BLOCK_N."""
-    kw = dict(cfg.kwargs)
-    kw["BLOCK_K"], kw["BLOCK_N"] = kw["BLOCK_N"], kw["BLOCK_K"]
-    return triton.Config(kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-_INPUT_GRAD_GPU_CONFIGS = [_as_input_grad_config(c) for c in _GEMM_GPU_CONFIGS]
-_INPUT_GRAD_INTERPRETER_CONFIG = _as_input_grad_config(_GEMM_INTERPRETER_CONFIG)
 
 _ROWPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3)]
+    for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3),
+                         # smaller per-thread tiles, for cases where the ones above spill registers
+                         (128, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4)]
 ]
 _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
+
+
+def _up_grad_smem_bytes(a) -> int:
+    """The dy and B tiles of each pipeline stage (counted at fp32 when upcast)."""
+    return a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"] * (4 if a["UPCAST"] else a["dy_ptr"].element_size())
 
 
 @triton.jit
@@ -40,21 +37,23 @@ def load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, 
     return dy.to(tl.float32) * scale[None, :]
 
 
-@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "R", "PRECISION"],
-          # the dy and B tiles (staged in fp32 when upcast)
-          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"]
-          * (4 if a["UPCAST"] else a["dy_ptr"].element_size()))
+@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "PRECISION"],
+          smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
-    dy_ptr, scale_ptr, b_ptr, v_ptr,     # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
-    M, N, R, M_BUCKET,
+    dy_ptr, scale_ptr, lora_b_ptr, v_ptr,  # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
+    M, N, R,
+    m_bucket,                              # autotune key only
     stride_dym, stride_dyn, stride_bn, stride_br,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
+    dy_ptr += row0 * stride_dym
+    v_ptr += row0 * R
+    rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
+    row_ok = rows < M - row0
     rank_ok = ranks < R
     dtype = dy_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
@@ -64,7 +63,7 @@ def _lora_up_grad_kernel(
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
         e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
-        b = tl.load(b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
+        b = tl.load(lora_b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = tl.dot(e, b.to(dtype), acc, input_precision=PRECISION)
     tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
@@ -75,6 +74,7 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) ->
 
     dy [M, N] (any strides, the activation dtype), scale [N] fp32, lora_B [N, r].
     """
+    dy = narrow_row_stride(dy)
     M, N = dy.shape
     R = lora_B.shape[1]
     v = torch.empty((M, R), dtype=torch.float32, device=dy.device)
@@ -89,14 +89,31 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) ->
     return v
 
 
+# The forward GEMM's tiles, transposed: output [BLOCK_M, BLOCK_K], reduction step BLOCK_N.
+_INPUT_GRAD_GPU_CONFIGS = gemm_configs(GEMM_TILES, out_cols="BLOCK_K", reduction="BLOCK_N")
+_INPUT_GRAD_INTERPRETER_CONFIG = gemm_interpreter_config(out_cols="BLOCK_K", reduction="BLOCK_N")
+
+
+def _input_grad_smem_bytes(a) -> int:
+    """The dy and W tiles of each main-loop stage; the LoRA steps' tiles and the epilogue's
+    layout change reuse that memory unless they need more."""
+    xs = a["dy_ptr"].element_size()
+    main = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_N"] * xs
+    return max(main, (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_R"] * xs, a["BLOCK_M"] * a["BLOCK_K"] * xs)
+
+
+# With the norm n constant, y = c * ypre + bias, ypre = x @ W.T + s * dropout(x) @ A.T @ B.T, so
+# the gradient of ypre is e = dy * c and, with v = e @ B (lora_up_grad),
+#     dx = e @ W + s * dropout_bwd(v @ A),   dropout_bwd(t) = mask * t / (1 - p), the forward's mask.
 @autotune(_INPUT_GRAD_GPU_CONFIGS, _INPUT_GRAD_INTERPRETER_CONFIG,
-          key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT", "PRECISION"],
-          # the dy and W tiles of the main loop
-          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_N"] * a["dy_ptr"].element_size())
+          key=["m_bucket", "N", "K", "R", "HAS_DROPOUT", "PRECISION"],
+          smem_bytes=_input_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _dora_input_grad_kernel(
-    dy_ptr, scale_ptr, w_ptr, v_ptr, a_ptr, dx_ptr,
-    M, N, K, R, M_BUCKET,
+    dy_ptr, scale_ptr, w_ptr,            # dy [M, N], scale [N] fp32 (c), W [N, K] (dy's dtype)
+    v_ptr, lora_a_ptr, dx_ptr,           # v [M, R] fp32, A [R, K], dx [M, K] (dy's dtype)
+    M, N, K, R,
+    m_bucket,                            # autotune key only
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     scaling, seed, p,
     HAS_DROPOUT: tl.constexpr,
@@ -106,13 +123,39 @@ def _dora_input_grad_kernel(
     # output tile dx[rows, cols] of BLOCK_M x BLOCK_K; the reduction runs over the N output
     # features of the layer in steps of BLOCK_N
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < M
+    row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
+    dy_ptr += row0 * stride_dym
+    v_ptr += row0 * R
+    dx_ptr += row0 * K
+    rows = tl.arange(0, BLOCK_M)         # within the tile: 32-bit offsets (fewer registers)
+    col0 = pid_k * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < M - row0
     col_ok = cols < K
     dtype = dy_ptr.dtype.element_ty
 
+    # One accumulator: the LoRA term s * dropout_bwd(v @ A) first, then the main loop onto it
+    # (two accumulators, the LoRA term added in the epilogue, spilled every large tile). The
+    # dropout mask is drawn before the LoRA steps, while the accumulator is not yet live, and
+    # four elements per Philox call (dropout.py): a whole-tile mask beside a live accumulator
+    # spilled 0.5-5 KB a thread. Computing the term in another kernel instead would write and
+    # read an [M, K] fp32 tensor, ~20% of this GEMM's time at M = N = K = 4096.
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, row0 + rows, col0, p, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # not software-pipelined (num_stages=1): a few steps only, and pipelining them would hold
+    # extra fp32 tiles in shared memory
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = ranks < R
+        v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        a = tl.load(lora_a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(v.to(dtype), a.to(dtype), acc, input_precision=PRECISION)
+    if HAS_DROPOUT:  # the forward's mask, the same 1/(1-p)
+        acc = tl.where(keep, acc / (1.0 - p), 0.0)
+    acc *= scaling
+
     for n0 in range(0, N, BLOCK_N):  # base term: (dy * c) @ W, c applied as dy is loaded
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
@@ -120,21 +163,6 @@ def _dora_input_grad_kernel(
         w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=out_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(e, w, acc, input_precision=PRECISION)
-
-    lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    # LoRA term: v @ A; not software-pipelined (num_stages=1): a few steps only, and pipelining
-    # them would hold extra fp32 tiles in shared memory
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        lora = tl.dot(v.to(dtype), a.to(dtype), lora, input_precision=PRECISION)
-    if HAS_DROPOUT:  # same mask as the forward's lora_down, same 1/(1-p)
-        keep = dropout_keep(seed, rows, cols, K, p)
-        lora = tl.where(keep, lora / (1.0 - p), 0.0)
-    acc += scaling * lora
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -144,6 +172,7 @@ def dora_input_grad(dy, scale, weight, v, lora_A, scaling: float, dropout_p: flo
     dy [M, N] (any strides), scale [N] fp32, weight [N, K] (dy's dtype), v [M, r] fp32
     contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
     """
+    dy = narrow_row_stride(dy)
     M, N = dy.shape
     K = weight.shape[1]
     R = v.shape[1]
@@ -153,6 +182,6 @@ def dora_input_grad(dy, scale, weight, v, lora_A, scaling: float, dropout_p: flo
         dy, scale, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=block_r(R), PRECISION=dot_precision(dy.dtype),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(dy.dtype),
     )
     return dx

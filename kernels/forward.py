@@ -13,24 +13,34 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, dot_precision, lora_precision, m_bucket
+from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile
+from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
 
 _DOWN_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3)]
+    for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3),
+                         # smaller per-thread tiles, for cases where the ones above spill registers
+                         (128, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4), (16, 64, 4, 4)]
 ]
 _DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
 
 
-@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "PRECISION"],
-          # the x and A tiles (staged in fp32 when upcast)
-          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"]
-          * (4 if a["UPCAST"] else a["x_ptr"].element_size()))
+def _down_smem_bytes(a) -> int:
+    """The x and A tiles of each pipeline stage (counted at fp32 when upcast), and with dropout and
+    upcast the fp32 copy of x that the dot reads."""
+    stage = (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"] * (4 if a["UPCAST"] else a["x_ptr"].element_size())
+    dropped = a["BLOCK_M"] * a["BLOCK_K"] * 4 if a["UPCAST"] and a["HAS_DROPOUT"] else 0
+    return a["num_stages"] * stage + dropped
+
+
+@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "HAS_DROPOUT", "PRECISION"],
+          smem_bytes=_down_smem_bytes, case_dtypes=("x_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
-    x_ptr, a_ptr, su_ptr,                # x [M, K], A [R, K], su [M, R] (A's dtype)
-    M, K, R, M_BUCKET,
+    x_ptr, lora_a_ptr, su_ptr,           # x [M, K], A [R, K], su [M, R] (A's dtype)
+    M, K, R,
+    m_bucket,                            # autotune key only
     stride_xm, stride_xk, stride_ar, stride_ak,
     scaling, seed, p,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -39,9 +49,12 @@ def _lora_down_kernel(
     dtype = x_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
         dtype = tl.float32
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
+    x_ptr += row0 * stride_xm
+    su_ptr += row0 * R
+    rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < M
+    row_ok = rows < M - row0
     rank_ok = ranks < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -50,9 +63,9 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rows, cols, K, p)
+            keep = dropout_keep(seed, row0 + rows, k0, p, BLOCK_K)
             x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+        a_t = tl.load(lora_a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
         acc = tl.dot(x.to(dtype), a_t.to(dtype), acc, input_precision=PRECISION)
     # scaled here, then rounded once to the adapters' dtype (as PEFT rounds lora_A's output): with
@@ -68,6 +81,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: 
     x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (fp32 or x's dtype).
     dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
     """
+    x = narrow_row_stride(x)
     M, K = x.shape
     R = lora_A.shape[0]
     su = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
@@ -83,38 +97,27 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: 
     return su
 
 
-_GEMM_GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (64, 256, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-        # small M (decode): memory-bound on W, so narrow M tiles and many N tiles
-        (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4), (16, 32, 256, 4, 3),
-    ]
-]
-_GEMM_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})
+_GEMM_GPU_CONFIGS = gemm_configs(GEMM_TILES, out_cols="BLOCK_N", reduction="BLOCK_K")
+_GEMM_INTERPRETER_CONFIG = gemm_interpreter_config(out_cols="BLOCK_N", reduction="BLOCK_K")
 
 
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) with GROUP_M row tiles walked together, so W tiles are reused from L2."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    return pid_m, pid_n
+def _forward_smem_bytes(a) -> int:
+    """The x and W tiles of each main-loop stage; the LoRA steps' tiles and the epilogue's
+    layout change reuse that memory unless they need more."""
+    xs = a["x_ptr"].element_size()
+    main = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * xs
+    return max(main, (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_R"] * xs, a["BLOCK_M"] * a["BLOCK_N"] * xs)
 
 
-@autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["M_BUCKET", "N", "K", "R", "STORE_Q", "PRECISION"],
-          # the x and W tiles of the main loop
-          stage_bytes=lambda a: (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * a["x_ptr"].element_size())
+@autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["m_bucket", "N", "K", "R", "STORE_Q", "PRECISION"],
+          smem_bytes=_forward_smem_bytes, case_dtypes=("x_ptr", "lora_b_ptr"))
 @triton.jit
 def _dora_forward_kernel(
-    x_ptr, w_ptr, su_ptr, b_ptr, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr,
-    M, N, K, R, M_BUCKET,
+    x_ptr, w_ptr, su_ptr, lora_b_ptr,    # x [M, K], W [N, K] (x's dtype), su [M, R], B [N, R]
+    mag_ptr, norm_ptr, bias_ptr,         # magnitude [N], norm [N] fp32, bias [N] (if HAS_BIAS)
+    y_ptr, q_ptr,                        # y, q [M, N] (x's dtype; q if STORE_Q)
+    M, N, K, R,
+    m_bucket,                            # autotune key only
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
     HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr,
@@ -122,9 +125,14 @@ def _dora_forward_kernel(
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int64: M * stride may pass 2**31
+    row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
+    x_ptr += row0 * stride_xm
+    su_ptr += row0 * R
+    y_ptr += row0 * N
+    q_ptr += row0 * N
+    rows = tl.arange(0, BLOCK_M)         # within the tile: 32-bit offsets (fewer registers)
     outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
+    row_ok = rows < M - row0
     out_ok = outs < N
     dtype = x_ptr.dtype.element_ty
 
@@ -143,7 +151,7 @@ def _dora_forward_kernel(
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
         su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
+        b_t = tl.load(lora_b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
         acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
 
@@ -155,7 +163,12 @@ def _dora_forward_kernel(
     scale = tl.math.div_rn(g, n)
     if STORE_Q:  # saved for the magnitude gradient, which is sum over rows of dy * q / (t * n)
         t = magnitude_grad_rescale(scale, n)
-        tl.store(q_ptr + out_offsets, (acc * t[None, :]).to(dtype), mask=out_mask)
+        # q in place, then y = q * (c / t): one fp32 tile live, not two (acc and acc * t spilled
+        # registers in the 128 x 256 tiles). The same y: t is a power of two with t <= c < 2t, so
+        # q = ypre * t is exact (short of fp32 underflow) and c / t is exact.
+        acc *= t[None, :]
+        tl.store(q_ptr + out_offsets, acc.to(dtype), mask=out_mask)
+        scale = tl.where(t > 0, scale / t, 0.0)  # t = 0: c subnormal or 0 and n > 2**126
     y = acc * scale[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
@@ -190,6 +203,7 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     pre-scale output rescaled per column by t = magnitude_grad_rescale(c, max(norm, norm_eps)),
     which the magnitude gradient reads, else None.
     """
+    x = narrow_row_stride(x)
     M, K = x.shape
     N = weight.shape[0]
     R = su.shape[1]
@@ -203,6 +217,6 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=block_r(R), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(x.dtype),
     )
     return y, q

@@ -15,22 +15,29 @@ from ._launch import autotune, block_r, dot_precision, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 8, 3)]
+    for bn, bk, w, s in [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 256, 8, 3),
+                         # smaller per-thread tiles, for cases where the ones above spill registers
+                         (64, 64, 8, 4), (32, 64, 4, 4), (16, 64, 4, 4)]
 ]
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
 
 
-@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, key=["N", "K", "R", "K_SPLITS", "PRECISION"],
-          # the W tile, and the B and A tiles
-          stage_bytes=lambda a: a["BLOCK_N"] * a["BLOCK_K"] * a["w_ptr"].element_size()
-          + (a["BLOCK_N"] + a["BLOCK_K"]) * a["BLOCK_R"] * a["a_ptr"].element_size())
+def _row_sumsq_smem_bytes(a) -> int:
+    """The W tile and the B and A tiles of each pipeline stage."""
+    return a["num_stages"] * (a["BLOCK_N"] * a["BLOCK_K"] * a["w_ptr"].element_size()
+                              + (a["BLOCK_N"] + a["BLOCK_K"]) * a["BLOCK_R"] * a["lora_a_ptr"].element_size())
+
+
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, key=["N", "K", "R", "k_splits", "PRECISION"],
+          smem_bytes=_row_sumsq_smem_bytes, case_dtypes=("w_ptr", "lora_a_ptr"))
 @triton.jit
 def _row_sumsq_kernel(
-    w_ptr, a_ptr, b_ptr, out_ptr,          # W [N, K], A [R, K], B [N, R], out [K_SPLITS, N] fp32
+    w_ptr, lora_a_ptr, lora_b_ptr,         # W [N, K], A [R, K], B [N, R] (A's dtype)
+    out_ptr,                               # partial sums of squares [k_splits, N] fp32
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
-    K_SPLITS,
+    k_splits,                              # the slices of K reduced in parallel
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -39,7 +46,7 @@ def _row_sumsq_kernel(
     row_ok = rows < N
     # this program's K slice: whole BLOCK_K steps, so the slices tile K exactly
     k_steps = tl.cdiv(K, BLOCK_K)
-    steps_per_split = tl.cdiv(k_steps, K_SPLITS)
+    steps_per_split = tl.cdiv(k_steps, k_splits)
     k_begin = pid_k * steps_per_split * BLOCK_K
     k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
 
@@ -53,9 +60,9 @@ def _row_sumsq_kernel(
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
             rank_ok = ranks < R
-            b = tl.load(b_ptr + rows[:, None] * stride_bn + ranks[None, :] * stride_br,
+            b = tl.load(lora_b_ptr + rows[:, None] * stride_bn + ranks[None, :] * stride_br,
                         mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+            a = tl.load(lora_a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
             ba = tl.dot(b, a, ba, input_precision=PRECISION)
         tile = w.to(tl.float32) + scaling * ba
