@@ -2,20 +2,22 @@
 """Compile every fused_dora kernel for a named GPU on a machine without one, and report.
 
     python benchmarks/compile_report.py --target sm_90                   markdown on stdout
-    python benchmarks/compile_report.py --target sm_80 --out benchmarks/results/compile_report_sm80.md
+    python benchmarks/compile_report.py --target sm_90,sm_80 --out benchmarks/results/compile_report_{target}.md
     python benchmarks/compile_report.py --target sm_90 --subset ci --check --json report.json
 
 Every autotuned kernel x every GPU config x the dtype combinations the API accepts (activations
 fp16 / bf16 / fp32; adapters fp32 or the activation dtype) x r in {16, 384} x dropout on / off
-(where the kernel has that switch). The real launchers run on meta tensors with each kernel's
-launch captured instead of executed, so the arguments (block sizes, precisions, upcasts,
-specialisations) are the ones a GPU run would pass; each config is then compiled through
-``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache keeps
-the results (a re-run is quick); compiles run in a process pool (``--jobs``).
+where the kernel has that switch (the forward GEMM: training, which also stores q, and
+inference). fused_dora's own composition of the launchers runs on meta tensors with each
+kernel's launch captured instead of executed, so the arguments (block sizes, precisions,
+upcasts, specialisations) are the ones a GPU run would pass; each config is then compiled
+through ``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache
+keeps the results (a re-run is quick); compiles run in a process pool (``--jobs``).
 
-Per config: the launcher's shared-memory estimate (``stage_bytes * num_stages``, what
-_launch.autotune prunes by) against the compiled ``metadata.shared``; whether the autotuner can
-pick the config on that GPU (it survives the pruning); registers and stack (spill) bytes per
+Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what _launch.autotune
+prunes by) against the compiled ``metadata.shared``; whether the autotuner can pick the config on
+that GPU (it survives the pruning by shared memory and by kernels/_spills.py, the configs measured
+to spill, which ``--write-spills`` rewrites from this report); registers and stack (spill) bytes per
 thread from the bundled ``cuobjdump -res-usage``; the tensor-core instructions in the PTX
 (wgmma: Hopper warpgroup MMA; mma: the Ampere-style mma.sync).
 
@@ -54,7 +56,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fused_dora import composition  # noqa: E402
-from fused_dora.kernels._launch import TUNED_KERNELS, fitting_configs, smem_budget  # noqa: E402
+from fused_dora.backend import load_kernels  # noqa: E402
+
+load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
+from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
+                                        smem_budget, spill_case)
 
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -70,11 +76,11 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # (activations, adapters): what dora_linear accepts
 DTYPE_PAIRS = [("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")]
 RANKS = (16, 384)
-# the CI test's subset: PEFT's default (bf16 + fp32 adapters) at both ranks and all-bf16 at the
-# high rank, every kernel and config, dropout on (the heavier variant)
+# the CI test's subset: bf16 activations with fp32 adapters (PEFT's default) at the high rank and
+# all-bf16 at a common rank, every kernel and config, dropout on (the heavier variant)
 SUBSETS = {
     "full": [(x, a, r, d) for x, a in DTYPE_PAIRS for r in RANKS for d in (False, True)],
-    "ci": [("bf16", "fp32", 16, True), ("bf16", "fp32", 384, True), ("bf16", "bf16", 384, True)],
+    "ci": [("bf16", "fp32", 384, True), ("bf16", "bf16", 16, True)],
 }
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -136,6 +142,8 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
         norm = composition.row_norm(w, a, b, s)
+        if not dropout:  # inference: no q stored
+            composition.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False)
         _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True)
         scale = torch.empty(N, dtype=torch.float32, device=meta)
         composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True, True)
@@ -152,28 +160,34 @@ def _plain(value):
 
 def build_jobs(target_name: str, cases):
     """One row per (case, kernel, config); compile jobs deduplicated by what is compiled."""
-    budget = smem_budget(TARGETS[target_name][1])
+    target, max_smem, _ = TARGETS[target_name]
+    budget, arch = smem_budget(max_smem), target.arch
+    driver.set_active(TargetDriver(target))  # launchers may choose arguments by the GPU's architecture
     rows, jobs, seen = [], {}, set()
     for xd, ad, r, dropout in cases:
         for name, args, kwargs in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout):
             tuned = TUNED_KERNELS[name]
             arg_map = {**dict(zip(tuned.kernel.arg_names, args)), **kwargs}
-            switch = dropout if "HAS_DROPOUT" in kwargs else None  # None: the kernel has no dropout switch
+            switch = case_variant(kwargs)
             if (name, xd, ad, r, switch) in seen:
                 continue
             seen.add((name, xd, ad, r, switch))
             plain_args = tuple(_plain(v) for v in args)
-            pickable = fitting_configs(tuned.configs, arg_map, tuned.stage_bytes, budget)
-            default = fitting_configs(tuned.configs, arg_map, tuned.stage_bytes, budget, keep_all=False)[0]
+            spilling = tuned.spilling(arg_map, arch)
+            pick = [pickable_configs(tuned.configs, arg_map, tuned.smem_bytes, budget, spilling=spilling, keep_all=keep)
+                    for keep in (True, False)]
             for i, cfg in enumerate(tuned.configs):
+                full = {**arg_map, **cfg.all_kwargs()}
                 key = (name, repr(plain_args), repr(sorted(kwargs.items())), i)
                 jobs[key] = (target_name, name, plain_args, kwargs, i)
                 rows.append(dict(
-                    kernel=name, x=xd, adapters=ad, r=r, dropout=switch,
+                    kernel=name, x=xd, adapters=ad, r=r, variant=switch, precision=kwargs.get("PRECISION"),
                     config=i, blocks={k: v for k, v in cfg.kwargs.items() if k.startswith("BLOCK_")},
                     block_r=kwargs.get("BLOCK_R"), warps=cfg.num_warps, stages=cfg.num_stages,
-                    estimate=tuned.stage_bytes({**arg_map, **cfg.kwargs}) * cfg.num_stages,
-                    pickable=cfg in pickable, default=cfg is default, key=key,
+                    estimate=tuned.smem_bytes(full), fits=tuned.smem_bytes(full) <= budget,
+                    spill_pruned=config_name(cfg) in spilling, case=spill_case(arg_map, tuned.case_dtypes),
+                    name=config_name(cfg),
+                    pickable=cfg in pick[0], default=cfg is pick[1][0], key=key,
                 ))
     return rows, jobs
 
@@ -250,14 +264,13 @@ def problems(row, target_name: str):
     if row["estimate"] < row["shared"]:
         found.append(f"shared-memory estimate {row['estimate']} B < compiled {row['shared']} B")
     if (target_name == "sm_90" and row["kernel"] in GEMM_KERNELS and row["blocks"]["BLOCK_M"] >= 64
-            and "wgmma" not in row["mma"]):
+            and row["precision"] != "ieee" and "wgmma" not in row["mma"]):  # ieee: fp32 FMA, as F.linear without TF32
         found.append("BLOCK_M >= 64 GEMM tile without wgmma")
     return found
 
 
 def _case(row):
-    drop = {None: "-", False: "off", True: "on"}[row["dropout"]]
-    return f"{row['x']}/{row['adapters']}", str(row["r"]), drop
+    return f"{row['x']}/{row['adapters']}", str(row["r"]), row["variant"]
 
 
 def _tile(row):
@@ -274,10 +287,12 @@ def markdown(target_name: str, rows, seconds: float) -> str:
         f"git {_git_rev()}; {len(rows)} kernel x config x case rows, compiled in {seconds:.0f} s. "
         f"Generated by `python benchmarks/compile_report.py --target {target_name}`.",
         "",
-        f"Shared memory: {max_smem:,} B per block; configs whose estimate exceeds {budget:,} B (90%) are "
-        "pruned before compiling, so only the rest are *pickable*. *est.*: the launcher's estimate "
-        "(stage_bytes x num_stages); *smem*: compiled. *spill*: stack bytes per thread (0 = no spill). "
-        "*mma*: tensor-core instructions in the PTX. *dflt*: the config FUSED_DORA_AUTOTUNE=0 takes.",
+        f"Shared memory: {max_smem:,} B per block. The autotuner prunes, before compiling, the configs whose "
+        f"estimate exceeds {budget:,} B (90%) and those kernels/_spills.py lists for {target_name} (measured to spill); "
+        "the rest are *pickable* (*dflt*: the one FUSED_DORA_AUTOTUNE=0 takes). *est.*: the launcher's "
+        "estimate (`smem_bytes`), which must be an upper bound of *smem*, the compiled figure. *regs*, "
+        "*spill*: registers and stack bytes per thread (spill 0: none). *mma*: tensor-core instructions in "
+        "the PTX (wgmma: Hopper warpgroup MMA; mma: mma.sync; none: FMA, as fp32 without TF32 is meant to).",
         "",
         "## Summary",
         "",
@@ -289,7 +304,7 @@ def markdown(target_name: str, rows, seconds: float) -> str:
         mine = [r for r in rows if r["kernel"] == name]
         ok = [r for r in mine if not r["error"]]
         pick = [r for r in ok if r["pickable"]]
-        no_wgmma = [r for r in ok if name in GEMM_KERNELS and r["blocks"]["BLOCK_M"] >= 64 and "wgmma" not in r["mma"]]
+        no_wgmma = [r for r in ok if "BLOCK_M >= 64 GEMM tile without wgmma" in problems(r, target_name)]
         out.append(
             f"| `{name}` | {len(mine)} | {len(mine) - len(ok)} | {len(pick)} "
             f"| {sum(r['stack'] > 0 for r in pick)} | {sum(r['stack'] > 0 for r in ok if not r['pickable'])} "
@@ -307,11 +322,12 @@ def markdown(target_name: str, rows, seconds: float) -> str:
             continue
         blocks = "x".join(k.replace("BLOCK_", "") for k in mine[0]["blocks"])
         out += ["", f"## `{name}`", "",
-                f"| x/adapters | r | dropout | {blocks} | R | warps | stages | est. | smem | pickable | regs "
+                f"| x/adapters | r | variant | {blocks} | R | warps | stages | est. | smem | pickable | regs "
                 "| spill | mma |",
                 "|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
         for r in mine:
-            pick = ("dflt" if r["default"] else "yes") if r["pickable"] else "no"
+            pick = ("dflt" if r["default"] else "yes") if r["pickable"] else \
+                "no: " + ", ".join(why for why, bad in (("smem", not r["fits"]), ("spills", r["spill_pruned"])) if bad)
             if r["error"]:
                 tail = f"| - | {pick} | error: {r['error']} | | |"
             else:
@@ -319,6 +335,39 @@ def markdown(target_name: str, rows, seconds: float) -> str:
             out.append(f"| {' | '.join(_case(r))} | {_tile(r)} | {r['block_r']} | {r['warps']} | {r['stages']} "
                        f"| {r['estimate']:,} {tail}")
     return "\n".join(out) + "\n"
+
+
+SPILLS_FILE = ROOT / "kernels" / "_spills.py"
+
+
+def write_spills(everything) -> None:
+    """Rewrite _spills.SPILLS from ``{target: rows}``: every config that fits in shared memory and
+    spills, per kernel, architecture and case. Other architectures' entries are kept."""
+    from fused_dora.kernels._spills import SPILLS
+
+    table = {k: dict(v) for k, v in SPILLS.items()}
+    for target_name, rows in everything.items():
+        arch = TARGETS[target_name][0].arch
+        for kernel in {r["kernel"] for r in rows}:
+            cases = {}
+            for r in rows:
+                if r["kernel"] == kernel and r["fits"] and not r["error"] and r["stack"] > 0:
+                    cases.setdefault(r["case"], []).append(r["name"])
+            table.setdefault(kernel, {})[arch] = {c: sorted(set(n)) for c, n in sorted(cases.items())}
+    text = SPILLS_FILE.read_text()
+    head = text[:text.index("SPILLS = ")]
+    lines = ["SPILLS = {"]
+    for kernel in sorted(table):
+        lines.append(f"    {kernel!r}: {{")
+        for arch in sorted(table[kernel]):
+            lines.append(f"        {arch}: {{")
+            for case, names in table[kernel][arch].items():
+                lines.append(f"            {case!r}: {names!r},")
+            lines.append("        },")
+        lines.append("    },")
+    lines.append("}")
+    SPILLS_FILE.write_text(head + "\n".join(lines) + "\n")
+    print(f"wrote {SPILLS_FILE}", file=sys.stderr)
 
 
 def _git_rev() -> str:
@@ -339,6 +388,7 @@ def report(target_name: str, subset: str = "full", workers: int = 2, kernels=Non
     results = compile_all(jobs, workers, progress)
     for row in rows:
         row.update(results[row.pop("key")])
+        row["problems"] = problems(row, target_name)
     return rows, time.perf_counter() - start
 
 
@@ -348,10 +398,16 @@ def main(argv=None) -> int:
     ap.add_argument("--subset", choices=sorted(SUBSETS), default="full")
     ap.add_argument("--kernels", help="comma-separated kernel names (default: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
-    ap.add_argument("--out", help="also write the markdown here (one target)")
+    ap.add_argument("--out", help="also write the markdown here; {target} in the path is replaced by each target")
     ap.add_argument("--json", help="write the rows as JSON here ({target: rows})")
     ap.add_argument("--check", action="store_true", help="exit 1 if a row has a problem (see problems())")
+    ap.add_argument("--write-spills", action="store_true",
+                    help=f"rewrite {SPILLS_FILE.relative_to(ROOT)} from these targets' spilling configs (full subset)")
     opts = ap.parse_args(argv)
+    if opts.out and "," in opts.target and "{target}" not in opts.out:
+        ap.error("--out needs {target} in the path for several targets")
+    if opts.write_spills and opts.subset != "full":
+        ap.error("--write-spills needs the full subset (it replaces each target's table)")
     kernels = opts.kernels.split(",") if opts.kernels else None
     everything, bad = {}, 0
     for target_name in opts.target.split(","):
@@ -363,11 +419,13 @@ def main(argv=None) -> int:
         text = markdown(target_name, rows, seconds)
         print(text)
         if opts.out:
-            Path(opts.out).write_text(text)
+            Path(opts.out.format(target=target_name.replace("_", ""))).write_text(text)
         everything[target_name] = rows
-        bad += sum(bool(problems(r, target_name)) for r in rows)
+        bad += sum(bool(r["problems"]) for r in rows)
     if opts.json:
         Path(opts.json).write_text(json.dumps(everything, indent=1))
+    if opts.write_spills:
+        write_spills(everything)
     return 1 if (opts.check and bad) else 0
 
 
