@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# First run on a GPU machine, one command in under 10 minutes:
+#
+#   bash benchmarks/first_gpu_run.sh
+#
+#   1. the GPU tests with compiled kernels (tests/test_gpu.py: bf16, LLM-sized shapes, r = 384),
+#      each kernel on its first config that fits (FUSED_DORA_AUTOTUNE=0, so no search: quick)
+#   2. python benchmarks/bench.py --quick (autotuned), which writes
+#      benchmarks/results/<UTC date>T<HHMM>_<device>.{json,md,png}
+#
+# The test log goes to benchmarks/results/<UTC date>T<HHMM>_<device>_gpu_tests.txt. When $OUT is
+# set (a device call returns only the files under it), every new result file is copied there too.
+# The last lines printed say what to commit. Exit status: 0 if both steps passed.
+# Time limits (seconds) per step: TEST_TIMEOUT (default 240), BENCH_TIMEOUT (default 300).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+unset TRITON_INTERPRET  # compiled kernels, not the interpreter
+export PYTHONUNBUFFERED=1
+
+results=benchmarks/results
+mkdir -p "$results"
+marker=$(mktemp)  # files newer than this one are this run's
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "first_gpu_run: no CUDA device visible to torch; nothing to do" >&2
+    exit 2
+fi
+# fused_dora.kernels ships from the top-level kernels/ folder: install the checkout if it is not
+# importable; if pip cannot (offline, old setuptools), load the kernels at interpreter start-up
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c "import fused_dora.kernels" 2>/dev/null \
+        && ! python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
+    shim=$(mktemp -d)
+    echo "from fused_dora.backend import load_kernels; load_kernels()" > "$shim/sitecustomize.py"
+    export PYTHONPATH="$shim:$PYTHONPATH"
+fi
+python -c "import fused_dora.kernels" || { echo "first_gpu_run: cannot import fused_dora.kernels" >&2; exit 2; }
+
+slug=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
+stamp=$(date -u +%Y-%m-%dT%H%M)
+tests_log="$results/${stamp}_${slug}_gpu_tests.txt"
+
+{
+    echo "# first_gpu_run: $stamp UTC, git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+    python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
+    echo "\$ FUSED_DORA_AUTOTUNE=0 python -m pytest -q tests/test_gpu.py"
+} > "$tests_log"
+FUSED_DORA_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" python -m pytest -q tests/test_gpu.py 2>&1 | tee -a "$tests_log"
+tests_rc=${PIPESTATUS[0]}
+echo "exit status: $tests_rc" >> "$tests_log"
+
+timeout "${BENCH_TIMEOUT:-300}" python benchmarks/bench.py --quick
+bench_rc=$?
+
+new_files=$(find "$results" -maxdepth 1 -type f -newer "$marker" | sort)
+rm -f "$marker"
+if [ -n "${OUT:-}" ] && [ -n "$new_files" ]; then
+    mkdir -p "$OUT/$results"
+    # shellcheck disable=SC2086
+    cp $new_files "$OUT/$results/"
+fi
+
+echo
+echo "== first_gpu_run: tests exit $tests_rc (0 = passed), bench exit $bench_rc (0 = ran; 124 = timed out)"
+if [ -n "$new_files" ]; then
+    echo "== commit these files (copied under \$OUT/$results too when OUT is set):"
+    echo "$new_files" | sed 's/^/   /'
+    echo "   git add $(echo $new_files) && git commit -m \"GPU results: $slug, $stamp\" -- $(echo $new_files)"
+else
+    echo "== no result files were written"
+fi
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
