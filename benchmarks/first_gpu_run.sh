@@ -17,10 +17,6 @@ cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 export PYTHONUNBUFFERED=1
 
-results=benchmarks/results
-mkdir -p "$results"
-marker=$(mktemp)  # files newer than this one are this run's
-
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "first_gpu_run: no CUDA device visible to torch; nothing to do" >&2
     exit 2
@@ -36,6 +32,9 @@ if ! python -c "import fused_dora.kernels" 2>/dev/null \
 fi
 python -c "import fused_dora.kernels" || { echo "first_gpu_run: cannot import fused_dora.kernels" >&2; exit 2; }
 
+results=benchmarks/results
+mkdir -p "$results"
+marker=$(mktemp)  # files newer than this one are this run's
 slug=$(python -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 stamp=$(date -u +%Y-%m-%dT%H%M)
 tests_log="$results/${stamp}_${slug}_gpu_tests.txt"
