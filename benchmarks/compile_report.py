@@ -19,7 +19,7 @@ prunes by) against the compiled ``metadata.shared``; whether the autotuner can p
 that GPU (it survives the pruning by shared memory and by kernels/_spills.py, the configs measured
 to spill, which ``--write-spills`` rewrites from this report); registers and stack (spill) bytes per
 thread from the bundled ``cuobjdump -res-usage``; the tensor-core instructions in the PTX
-(wgmma: Hopper warpgroup MMA; mma: the Ampere-style mma.sync).
+(tcgen05: Blackwell MMA; wgmma: Hopper warpgroup MMA; mma: the Ampere-style mma.sync).
 
 ``--check`` exits 1 on what tests/test_compile_report.py fails on: a compile error, a spill in
 a pickable config, an estimate below the compiled figure, a GEMM tile with BLOCK_M >= 64
@@ -216,7 +216,8 @@ def compile_one(job):
                     seconds=time.perf_counter() - start)
     regs, stack = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
-    mma = "+".join(m for m, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync")) if pat in ptx) or "none"
+    mma = "+".join(m for m, pat in (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))
+                   if pat in ptx) or "none"
     return dict(shared=compiled.metadata.shared, regs=regs, stack=stack, mma=mma, error=None,
                 seconds=time.perf_counter() - start)
 
@@ -292,7 +293,8 @@ def markdown(target_name: str, rows, seconds: float) -> str:
         "the rest are *pickable* (*dflt*: the one FUSED_DORA_AUTOTUNE=0 takes). *est.*: the launcher's "
         "estimate (`smem_bytes`), which must be an upper bound of *smem*, the compiled figure. *regs*, "
         "*spill*: registers and stack bytes per thread (spill 0: none). *mma*: tensor-core instructions in "
-        "the PTX (wgmma: Hopper warpgroup MMA; mma: mma.sync; none: FMA, as fp32 without TF32 is meant to).",
+        "the PTX (tcgen05: Blackwell MMA; wgmma: Hopper warpgroup MMA; mma: mma.sync; none: FMA, as fp32 "
+        "without TF32 is meant to).",
         "",
         "## Summary",
         "",

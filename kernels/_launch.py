@@ -46,23 +46,32 @@ def _device_smem_budget(device_index: int) -> int:
         return 200 * 1024
 
 
+# Shared memory a kernel needs beside its tiles: the mbarriers of pipelined MMAs (16 B measured on
+# sm_100), with room to spare.
+BARRIER_BYTES = 1024
+
+
 def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
     """``triton.autotune`` over ``gpu_configs``; one fixed config under the interpreter.
 
     The interpreter cannot benchmark (no driver); autotune with one config never benchmarks.
     On a GPU, configs are pruned before they are compiled (see `pickable_configs`):
-    ``smem_bytes(args)`` bounds the shared memory a config needs, from the kernel's arguments and
-    the config (args: a dict of both, with num_warps and num_stages); and the configs measured to
-    spill registers on this GPU's architecture for this case (_spills.SPILLS, written by
-    benchmarks/compile_report.py) are left out. ``case_dtypes``: the names of the pointer
+    ``smem_bytes(args)`` bounds the shared memory a config's tiles need, from the kernel's
+    arguments and the config (args: a dict of both, with num_warps and num_stages; BARRIER_BYTES
+    is added to it); and the configs measured to spill registers on this GPU's architecture for
+    this case (_spills.SPILLS, written by benchmarks/compile_report.py) are left out.
+    ``case_dtypes``: the names of the pointer
     arguments that carry the activation and the adapter dtypes (None: no such argument), part of
     the case key (see `spill_case`). FUSED_DORA_AUTOTUNE=0 keeps only the first config left.
     """
     def prune(configs, nargs, **kwargs):
         device = torch.cuda.current_device()
         args = {**nargs, **kwargs}
-        return pickable_configs(configs, args, smem_bytes, _device_smem_budget(device),
+        return pickable_configs(configs, args, need, _device_smem_budget(device),
                                 spilling=tuned_kernel.spilling(args, _device_arch(device)), keep_all=AUTOTUNE)
+
+    def need(args) -> int:
+        return smem_bytes(args) + BARRIER_BYTES
 
     def decorate(kernel):
         nonlocal tuned_kernel
@@ -71,7 +80,7 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
         else:
             tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
                                     **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
-        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, smem_bytes, case_dtypes)
+        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes)
         return tuned
 
     tuned_kernel = None
