@@ -33,16 +33,18 @@ def _saved(case, name):
 @pytest.mark.parametrize("mode", ["train0", "train05"])
 @pytest.mark.parametrize("dtype", ["fp16+fp32", "fp16", "fp32"])
 def test_saved_for_backward_at_most_lora_plus_one_output(mode, dtype):
-    """T9: fused_dora saves x, su [M, r] and ypre [M, N]; PEFT LoRA saves x (or its fp32 copy) and
-    its own [M, r] (plus the dropout mask and the dropped x): at most one [M, N] tensor more."""
+    """T9: fused_dora saves x, su [M, r], ypre [M, N] and the [N] fp32 norm its forward computed;
+    PEFT LoRA saves x (or its fp32 copy) and its own [M, r] (plus the dropout mask and the dropped
+    x): at most one [M, N] tensor and the norm more."""
     pytest.importorskip("peft")
     M, r = 40, 16
     case = Case(mode, "cpu", M, r, dtype)
     fused, data = _saved(case, "fused")
     lora, _ = _saved(case, "peft_lora")
     act, ad = data.act.itemsize, data.ad.itemsize
-    assert fused == M * case.K * act + M * r * ad + M * case.N * act  # x, su, ypre: nothing else
-    assert fused <= lora + M * case.N * act
+    norm = case.N * 4
+    assert fused == M * case.K * act + M * r * ad + M * case.N * act + norm  # x, su, ypre, norm: nothing else
+    assert fused <= lora + M * case.N * act + norm
 
 
 def _op_saved_bytes(fn, inputs, trainable):
@@ -101,12 +103,23 @@ def test_no_dense_weight_sized_temporary_at_high_rank():
     assert counts["train0", "eager_dense"] > 0 and counts["norm", "eager_dense"] > 0
 
 
-def test_module_norm_is_the_cached_tensor():
-    """The [N] norm a training step saves is the module's cached one: saving it costs nothing."""
+def test_training_forward_saves_its_own_fresh_norm():
+    """A training forward computes the [N] fp32 norm from the current parameters and saves that
+    tensor (issue 9: no cached norm survives an optimizer step); the module keeps no copy of it."""
     layer = FusedDoraLinear(40, 32, r=8, dtype=torch.float16, backend="triton")
+    torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(6, 40, dtype=torch.float16)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         layer(x)
-    cached = layer.weight_norm().untyped_storage().data_ptr()
-    assert any(t.untyped_storage().data_ptr() == cached for t in saved)
+    norms = [t for t in saved if t.shape == (32,) and t.dtype == torch.float32 and t is not layer.magnitude]
+    assert len(norms) == 1
+    expect = fused_dora.dora_weight_norm(layer.weight, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(norms[0], expect.float(), rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)  # a step: the next training forward saves a new norm
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    norms2 = [t for t in saved if t.shape == (32,) and t.dtype == torch.float32 and t is not layer.magnitude]
+    assert not torch.allclose(norms2[0], norms[0])
