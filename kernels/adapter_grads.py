@@ -1,8 +1,12 @@
 """Adapter-gradient kernels: column reductions over the M tokens.
 
-    dmag_raw = sum_m dy * q                      [N]     (q = ypre * t: caller divides by t * n)
-    dB_raw   = dy.T @ su                         [N, r]  (su = s * u; launcher scales by c)
-    dA_raw   = v.T @ dropout(x)                  [r, K]  (launcher scales by s)
+    dmag_raw = sum_m dy * q                      [N]     (q = ypre * t)
+    dB_raw   = dy.T @ su                         [N, r]  (su = s * u)
+    dA_raw   = v.T @ dropout(x)                  [r, K]
+
+The launchers return these raw fp32 sums. The caller (fused_dora.composition.fused_backward)
+finishes them: dmag = dmag_raw / (t * n), dB = c * dB_raw, dA = s * dA_raw, each cast to its
+parameter's dtype.
 
 dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid
 fills the GPU; every slice writes an fp32 partial that the launcher sums (deterministic).

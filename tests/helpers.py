@@ -3,7 +3,7 @@ import torch
 
 from fused_dora import reference
 
-# relative error bounds by activation dtype, vs the float64 reference (DESIGN.md section 4)
+# relative error bounds by activation dtype, vs the float64 reference (README, 'Testing without a GPU')
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +58,8 @@ def fp64(inputs):
 
 
 def reference_fp64(inputs, scaling, **kwargs):
-    """float64 truth: output and gradients of the DESIGN.md math on the same (rounded) inputs."""
+    """float64 truth: output and gradients of the math (fused_dora.autograd's docstring) on the same
+    (rounded) inputs."""
     return run(reference.dora_linear, fp64(inputs), grad_out_dtype=inputs["x"].dtype, scaling=scaling, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Forward and every gradient of the Triton path vs the float64 reference (DESIGN.md math)."""
+"""Forward and every gradient of the Triton path vs the float64 reference (the math in fused_dora.autograd's docstring)."""
 import itertools
 
 import pytest

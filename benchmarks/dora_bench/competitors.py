@@ -125,7 +125,7 @@ def set_param(p: nn.Parameter, value: torch.Tensor, dtype: torch.dtype) -> None:
 
 
 def _require_triton(dev: torch.device) -> None:
-    from fused_dora.functional import triton_available_for
+    from fused_dora.backend import triton_available_for
 
     why = triton_available_for(dev)
     if why:

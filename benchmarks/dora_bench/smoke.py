@@ -15,7 +15,8 @@ from .instruments import rel_err
 
 def smoke_parity(dev: torch.device, log) -> bool:
     from fused_dora import FusedDoraLinear, reference
-    from fused_dora.functional import draw_dropout_seed, triton_available_for
+    from fused_dora.backend import triton_available_for
+    from fused_dora.composition import draw_dropout_seed
 
     why = triton_available_for(dev)
     if why:
