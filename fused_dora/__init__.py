@@ -5,6 +5,7 @@ Public API:
     dora_linear          the functional op (Triton kernels or the PyTorch reference)
     dora_weight_norm     row norms of W + s * B @ A without a dense temporary
     reference            the pure-PyTorch statement of the math
+    routes               how the big GEMMs run ("fused" / "composed" / "auto") and what "auto" chose
     replace_linear       swap targeted nn.Linear modules of any model for FusedDoraLinear
     save_adapter / load_adapter   PEFT-compatible adapter files for replace_linear models
 
@@ -14,12 +15,12 @@ PEFT models: fused_dora.integrations.peft.enable_fused_dora(model) (needs the `p
 Importing fused_dora registers the torch.library ops (fused_dora::dora_fwd, ...); triton is
 imported only when a kernel first runs.
 """
-from . import reference
+from . import reference, routes
 from .backend import FusedDoraWarning
 from .functional import dora_linear, dora_weight_norm
 from .module import FusedDoraLinear
 from .replace import load_adapter, replace_linear, save_adapter
 
 __version__ = "0.1.0"
-__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "replace_linear", "save_adapter",
+__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "routes", "replace_linear", "save_adapter",
            "load_adapter", "__version__"]

@@ -63,7 +63,7 @@ def refuse_double_backward() -> None:
                            "backend='reference' for higher-order gradients")
 
 
-def input_grads(needs, dy, saved, scaling, dropout_p, seed, backward=fused_backward) -> tuple:
+def input_grads(needs, dy, saved, scaling, dropout_p, seed, route="fused", backward=fused_backward) -> tuple:
     """(dx, dW, dbias, dA, dB, dmagnitude) from dy [..., N] and ``saved_tensors``' tuple.
 
     ``backward``: composition.fused_backward (eager route) or the dora_bwd custom op (compile
@@ -75,7 +75,7 @@ def input_grads(needs, dy, saved, scaling, dropout_p, seed, backward=fused_backw
     dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
     scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, bit for bit the forward's
     dx, da, db, dmag = backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude.dtype, scaling, dropout_p,
-                                seed, need_dx, need_da, need_db, need_dmag)
+                                seed, need_dx, need_da, need_db, need_dmag, route)
     dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
     return dx, dw, dbias, da, db, dmag
 
@@ -83,26 +83,28 @@ def input_grads(needs, dy, saved, scaling, dropout_p, seed, backward=fused_backw
 # ---- eager route ----------------------------------------------------------------------------------
 class FusedDoraFunction(torch.autograd.Function):
     """forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32, scaling, dropout_p,
-    seed: int, out_shape) -> y of out_shape ([..., N]), a tensor of its own (not a view), so
+    seed: int, out_shape, route) -> y of out_shape ([..., N]), a tensor of its own (not a view), so
     in-place ops on it (ReLU(inplace=True), h += residual) are allowed as after nn.Linear.
+    ``route``: fused_dora.routes' "fused", "composed" or "auto" (chosen apart for the backward).
 
     Gradients: x, lora_A, lora_B, magnitude by the fused kernels; weight and bias (frozen in
     DoRA) get correct gradients from plain PyTorch matmuls if they require grad.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape, route):
         needs = ctx.needs_input_grad[:6]
         y, su, q = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-                                 store_q=needs[5], out_shape=out_shape)
+                                 store_q=needs[5], out_shape=out_shape, route=route)
         ctx.save_for_backward(*saved_tensors(needs, x, weight, bias, lora_A, lora_B, magnitude, norm, su, q))
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.route = scaling, dropout_p, seed, route
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        grads = input_grads(ctx.needs_input_grad[:6], dy, ctx.saved_tensors, ctx.scaling, ctx.dropout_p, ctx.seed)
-        return grads + (None,) * 5
+        grads = input_grads(ctx.needs_input_grad[:6], dy, ctx.saved_tensors, ctx.scaling, ctx.dropout_p, ctx.seed,
+                            ctx.route)
+        return grads + (None,) * 6
 
 
 # ---- torch.compile route: custom ops ---------------------------------------------------------------
@@ -119,16 +121,16 @@ def _(weight, lora_A, lora_B, scaling):
 
 @torch.library.custom_op("fused_dora::dora_fwd", mutates_args=())
 def dora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-             norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_q: bool
+             norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_q: bool, route: str
              ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N], su [M, r] in lora_A's dtype, q [M, N] or [0]) for 2-D x [M, K]."""
     y, su, q = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
-                             int(seed.item()), store_q)
+                             int(seed.item()), store_q, route=route)
     return y, su, (q if q is not None else x.new_empty((0,)))
 
 
 @dora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q):
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, route):
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
             x.new_empty((M, N) if store_q else (0,)))
@@ -137,20 +139,20 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed
 @torch.library.custom_op("fused_dora::dora_bwd", mutates_args=())
 def dora_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
              su: Optional[Tensor], q: Optional[Tensor], scale: Tensor, norm: Tensor, scaling: float,
-             dropout_p: float, seed: Tensor, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             dropout_p: float, seed: Tensor, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool,
+             route: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed.
 
     x may be None unless need_da, su None unless need_db, q None unless need_dmag.
     """
     grads = fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude.dtype, scaling, dropout_p,
-                           int(seed.item()), need_dx, need_da, need_db, need_dmag)
+                           int(seed.item()), need_dx, need_da, need_db, need_dmag, route)
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @dora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, scaling, dropout_p, seed,
-      need_dx, need_da, need_db, need_dmag):
+      need_dx, need_da, need_db, need_dmag, route):
     empty = dy.new_empty((0,))
     return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else empty,
             torch.empty_like(lora_A) if need_da else empty,
@@ -159,14 +161,14 @@ def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, scaling, dro
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, route = inputs
     y, su, q = output
     needs = ctx.needs_input_grad[:6]
     if needs[5] and not store_q:
         raise RuntimeError("fused_dora::dora_fwd was called with store_q=False, so it cannot give the "
                            "magnitude gradient; pass store_q=True when magnitude requires grad")
     ctx.save_for_backward(*saved_tensors(needs, x, weight, bias, lora_A, lora_B, magnitude, norm, su, q), seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.route = scaling, dropout_p, route
     ctx.mark_non_differentiable(su, q)
 
 
@@ -174,24 +176,28 @@ def _backward(ctx, dy, _dsu, _dq):
     *saved, seed = ctx.saved_tensors
     magnitude = saved[5]
 
-    def through_op(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, *rest):
+    def through_op(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+                   need_dx, need_da, need_db, need_dmag, route):
         """fused_backward's signature, run as the opaque dora_bwd op (which takes the magnitude
         tensor, not its dtype); the op's empty tensors become None."""
-        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, *rest)
-        return tuple(g if need else None for g, need in zip(grads, rest[-4:]))
+        needs = (need_dx, need_da, need_db, need_dmag)
+        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, scaling, dropout_p, seed,
+                         *needs, route)
+        return tuple(g if need else None for g, need in zip(grads, needs))
 
-    grads = input_grads(ctx.needs_input_grad[:6], dy, saved, ctx.scaling, ctx.dropout_p, seed, backward=through_op)
-    return grads + (None,) * 5
+    grads = input_grads(ctx.needs_input_grad[:6], dy, saved, ctx.scaling, ctx.dropout_p, seed, ctx.route,
+                        backward=through_op)
+    return grads + (None,) * 6
 
 
 dora_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p):
+def dora_linear_2d(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, route="fused"):
     """y [M, N] through the custom ops; draws the dropout seed inside the traced graph."""
     if dropout_p > 0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
     else:
         seed = torch.zeros((1,), dtype=torch.int64)
     store_q = torch.is_grad_enabled() and magnitude.requires_grad
-    return dora_fwd(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q)[0]
+    return dora_fwd(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, route)[0]

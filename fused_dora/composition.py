@@ -3,11 +3,16 @@
 The math and what is saved between the two: see fused_dora.autograd's module docstring. Here
 the launchers' raw results are finished: the kernels return fp32 sums, and the scaling by s,
 c or 1/(t·n) each gradient still needs is applied here, in one place.
+
+The two big GEMMs take one of two routes (fused_dora.routes): "fused" (Triton GEMMs with the
+DoRA work inside) or "composed" (torch.mm, i.e. cuBLAS, with light Triton passes around it).
+Everything else, and what is saved, is the same on both.
 """
 import torch
 
 from .backend import load_kernels
 from .reference import NORM_EPS
+from .routes import choose_route
 
 
 def narrow_column_offsets(t: torch.Tensor) -> torch.Tensor:
@@ -52,15 +57,17 @@ def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return load_kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
 
 
-def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, out_shape=None):
+def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, out_shape=None,
+                  route="fused"):
     """The fused forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None).
 
     y has ``out_shape`` (default [M, N]; any shape of M * N elements, so that a caller can
     return y itself rather than a view of it). su = scaling * dropout(x) @ lora_A.T (in
     lora_A's dtype, rounded once, as PEFT rounds lora_A's output) and q = (x @ W.T + su @ B.T) * t
     (x's dtype; t per column, see magnitude_grad_rescale) are what the backward reads; q only
-    with ``store_q`` (for the magnitude gradient). Two launches: lora_down, then the GEMM that
-    also forms c = magnitude / norm in its epilogue.
+    with ``store_q`` (for the magnitude gradient). ``route`` ("fused", "composed" or "auto", see
+    fused_dora.routes): lora_down, then either the Triton GEMM that also forms c = magnitude /
+    norm in its epilogue, or torch.mm for x @ W.T and one Triton pass for the rest.
     """
     k = load_kernels()
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
@@ -69,17 +76,30 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
         su = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
         return y, su, (x.new_empty((0, N)) if store_q else None)
     su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
-    _, q = k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=y.view(M, N))
-    return y, su, q
+
+    def run(route, out):
+        """(q or None); out [M, N] receives y."""
+        if route == "composed":
+            torch.mm(x, weight.t(), out=out)
+            return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
+        return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
+
+    candidates = {r: (lambda r=r: run(r, torch.empty((M, N), dtype=x.dtype, device=x.device)))
+                  for r in ("fused", "composed")}
+    route = choose_route(route, ("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0,
+                                 store_q), candidates, x.device)
+    return y, su, run(route, y.view(M, N))
 
 
 def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
-                   need_dx, need_da, need_db, need_dmag):
+                   need_dx, need_da, need_db, need_dmag, route="fused"):
     """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
 
     dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); scale [N] fp32,
     the forward's c = magnitude / max(norm, eps), and norm [N]. Gradients come in their
-    parameters' dtypes.
+    parameters' dtypes. ``route`` (see fused_dora.routes) decides how dx is formed: one Triton
+    GEMM, or torch.mm over e = dy * c (written by the pass that forms v) and a Triton pass adding
+    the LoRA term; dA, dB and dmagnitude are computed alike on both.
     """
     k = load_kernels()
     M, N = dy.shape
@@ -90,12 +110,26 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_
         dbb = torch.zeros_like(lora_B) if need_db else None
         dmag = torch.zeros(N, dtype=magnitude_dtype, device=dy.device) if need_dmag else None
         return dx, da, dbb, dmag
-    if need_dx or need_da:
+    if need_dx:
+        def run(route):
+            """(v, dx): v = (dy * c) @ B and dx = (dy * c) @ W + s * dropout_bwd(v @ A)."""
+            if route == "composed":
+                e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+                v = k.lora_up_grad(dy, scale, lora_B, e_out=e)
+                dx = torch.mm(e, weight)
+                k.add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
+                return v, dx
+            v = k.lora_up_grad(dy, scale, lora_B)
+            return v, k.dora_input_grad(dy, scale, weight, v, lora_A, scaling, dropout_p, seed)
+
+        route = choose_route(route, ("backward", dy.device, dy.dtype, lora_A.dtype, M, N, weight.shape[1],
+                                     lora_A.shape[0], dropout_p > 0, True),
+                             {r: (lambda r=r: run(r)) for r in ("fused", "composed")}, dy.device)
+        v, dx = run(route)
+    elif need_da:
         v = k.lora_up_grad(dy, scale, lora_B)  # v = (dy * c) @ B
-        if need_dx:
-            dx = k.dora_input_grad(dy, scale, weight, v, lora_A, scaling, dropout_p, seed)
-        if need_da:  # dA = s * v.T @ dropout(x)
-            da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
+    if need_da:  # dA = s * v.T @ dropout(x)
+        da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
     if need_dmag or need_db:
         dmag_raw, db_raw = k.magnitude_and_B_grads(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
         if need_dmag:  # dmagnitude = sum(dy * ypre) / n, with q = ypre * t

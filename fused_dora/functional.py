@@ -15,6 +15,7 @@ from . import reference
 from .autograd import FusedDoraFunction, dora_linear_2d, row_norm_op
 from .backend import resolve_backend
 from .composition import draw_dropout_seed, fused_forward, narrow_column_offsets, row_norm
+from .routes import check_route
 from .validation import check_inputs, check_weight_norm_args
 
 
@@ -48,6 +49,7 @@ def dora_linear(
     backend: str = "auto",
     *,
     norm: Optional[torch.Tensor] = None,
+    route: Optional[str] = None,
 ) -> torch.Tensor:
     """DoRA linear layer: y [..., N] = c * (x @ W.T + s * dropout(x) @ A.T @ B.T) + bias.
 
@@ -61,6 +63,10 @@ def dora_linear(
     kernels cannot be imported, a FusedDoraWarning says so once), "triton" (forced; where it
     cannot run, a TypeError for a dtype, NotImplementedError under torch.func transforms, else
     ValueError) or "reference" (pure PyTorch, also float64 and higher-order gradients).
+    ``route`` (Triton backend only): how the two big GEMMs run, "fused" (Triton GEMMs with the
+    DoRA work inside), "composed" (torch.mm / cuBLAS plus light Triton passes) or "auto" (the
+    faster, timed once per shape bucket on a GPU; "fused" elsewhere); None: the FUSED_DORA_ROUTE
+    environment variable, else "auto". See fused_dora.routes.
     Returns y in x's dtype, a tensor of its own (in-place ops on it are fine). Under
     torch.autocast, x, weight and bias are cast to the autocast dtype first (as nn.Linear is)
     and y comes back in that dtype. The Triton path is differentiable once: a backward with
@@ -78,9 +84,11 @@ def dora_linear(
         if lora_A.dtype not in (cast, torch.float32):
             lora_A, lora_B = lora_A.to(cast), lora_B.to(cast)
         with torch.autocast(x.device.type, enabled=False):
-            return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm)
+            return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm,
+                               route=route)
     scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm,
                                       training)
+    route = check_route(route)
     p = dropout_p if training else 0.0
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude, weight=weight)
     if use == "reference":
@@ -89,7 +97,7 @@ def dora_linear(
     x2d = narrow_column_offsets(x.reshape(-1, K))
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around
         norm = row_norm_op(weight, lora_A, lora_B, scaling) if norm is None else norm.detach()
-        y = dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p)
+        y = dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, route)
         return y.reshape(*x.shape[:-1], N)
     if norm is None:  # inputs already checked: straight to the kernel
         with torch.no_grad():
@@ -98,7 +106,7 @@ def dora_linear(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)):
         out_shape = x.shape[:-1] + (N,)
         return FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed,
-                                       out_shape)
+                                       out_shape, route)
     # inference: no autograd bookkeeping, nothing saved
     return fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_q=False,
-                         out_shape=x.shape[:-1] + (N,))[0]
+                         out_shape=x.shape[:-1] + (N,), route=route)[0]

@@ -12,6 +12,7 @@ from .backend import BACKENDS
 from .functional import dora_linear
 from .norm_cache import NormCache
 from .reference import magnitude_scale
+from .routes import check_route
 
 
 def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -71,7 +72,8 @@ class FusedDoraLinear(nn.Module):
     (lora_B = 0, magnitude = row norms of weight).
 
     Adapters are created in ``adapter_dtype`` (default: fp32 for a half-precision ``dtype``,
-    as PEFT does, else ``dtype``). ``backend`` is passed to :func:`fused_dora.dora_linear`.
+    as PEFT does, else ``dtype``). ``backend`` and ``route`` (an attribute too, which may be set
+    at any time; None: FUSED_DORA_ROUTE, else "auto") are passed to :func:`fused_dora.dora_linear`.
 
     The row norm is computed in every training forward (whatever optimizer updates the
     adapters, the norm is the current one) and cached for other forwards (eval, no_grad) while
@@ -98,6 +100,7 @@ class FusedDoraLinear(nn.Module):
         *,
         adapter_dtype: Optional[torch.dtype] = None,
         backend: str = "auto",
+        route: Optional[str] = None,
     ) -> None:
         super().__init__()
         _check_positive_int("in_features", in_features)
@@ -105,6 +108,8 @@ class FusedDoraLinear(nn.Module):
         check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if route is not None:
+            check_route(route)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         adapter_dtype = adapter_dtype if adapter_dtype is not None else _default_adapter_dtype(dtype)
         for name, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
@@ -114,6 +119,7 @@ class FusedDoraLinear(nn.Module):
         self.lora_alpha, self.lora_dropout, self.use_rslora = float(lora_alpha), float(lora_dropout), use_rslora
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.backend = backend
+        self.route = route
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
@@ -168,6 +174,7 @@ class FusedDoraLinear(nn.Module):
         *,
         adapter_dtype: Optional[torch.dtype] = None,
         backend: str = "auto",
+        route: Optional[str] = None,
     ) -> "FusedDoraLinear":
         """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
         if not isinstance(linear, nn.Linear):
@@ -175,7 +182,8 @@ class FusedDoraLinear(nn.Module):
         w = linear.weight
         # built on the meta device, so no throwaway weight is allocated or initialised
         layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, linear.bias is not None,
-                    use_rslora, device="meta", dtype=w.dtype, adapter_dtype=adapter_dtype, backend=backend)
+                    use_rslora, device="meta", dtype=w.dtype, adapter_dtype=adapter_dtype, backend=backend,
+                    route=route)
         w.requires_grad_(False)
         layer.weight = w
         if linear.bias is not None:
@@ -191,7 +199,7 @@ class FusedDoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
-                f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}")
+                f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}, route={self.route!r}")
 
     # ---- the norm cache -----------------------------------------------------------------
     def clear_norm_cache(self) -> None:
@@ -221,6 +229,7 @@ class FusedDoraLinear(nn.Module):
         return dora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
+            route=self.route,
         )
 
     def _adapter_fingerprint(self) -> torch.Tensor:

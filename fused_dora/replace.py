@@ -135,6 +135,7 @@ def replace_linear(
     *,
     adapter_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    route: Optional[str] = None,
 ) -> int:
     """Replace the targeted ``nn.Linear`` modules of ``model`` by FusedDoraLinear, in place.
 
@@ -148,7 +149,7 @@ def replace_linear(
     and gets fresh adapters: lora_A [r, in] (Kaiming), lora_B [out, r] (zeros), magnitude [out]
     (row norms of the weight), so the model computes exactly what it did before.
     scaling = lora_alpha / r (lora_alpha / sqrt(r) with ``use_rslora``); ``lora_dropout`` applies
-    to the LoRA path in training. ``adapter_dtype`` and ``backend`` go to
+    to the LoRA path in training. ``adapter_dtype``, ``backend`` and ``route`` go to
     :meth:`FusedDoraLinear.from_linear`.
 
     Afterwards the adapters (lora_A, lora_B, magnitude) of every FusedDoraLinear in ``model``
@@ -165,7 +166,7 @@ def replace_linear(
                          f"{type(model).__name__}")
     for name, linear in found:
         _swap(model, name, FusedDoraLinear.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora,
-                                                       adapter_dtype=adapter_dtype, backend=backend))
+                                                       adapter_dtype=adapter_dtype, backend=backend, route=route))
     _freeze_all_but_adapters(model)
     return len(found)
 

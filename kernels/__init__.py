@@ -11,6 +11,7 @@ from .dropout import dropout_mask
 from .forward import lora_down, dora_forward
 from .backward import lora_up_grad, dora_input_grad
 from .adapter_grads import magnitude_and_B_grads, lora_A_grad
+from .composed import dora_compose_epilogue, add_lora_input_grad
 
 __all__ = [
     "INTERPRET",
@@ -22,4 +23,6 @@ __all__ = [
     "dora_input_grad",
     "magnitude_and_B_grads",
     "lora_A_grad",
+    "dora_compose_epilogue",
+    "add_lora_input_grad",
 ]

@@ -6,6 +6,8 @@
                                                                  main loop onto it, c applied as
                                                                  dy is loaded
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -37,20 +39,23 @@ def load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, 
     return dy.to(tl.float32) * scale[None, :]
 
 
-@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "PRECISION"],
+@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_E", "PRECISION"],
           smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
     dy_ptr, scale_ptr, lora_b_ptr, v_ptr,  # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
+    e_ptr,                                 # e [M, N] (dy's dtype; if STORE_E)
     M, N, R,
     m_bucket,                              # autotune key only
     stride_dym, stride_dyn, stride_bn, stride_br,
+    STORE_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
     dy_ptr += row0 * stride_dym
     v_ptr += row0 * R
+    e_ptr += row0 * N
     rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M - row0
@@ -62,17 +67,24 @@ def _lora_up_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
+        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn)
+        if STORE_E:  # for the composed route's cuBLAS e @ W; the first rank chunk's programs write it
+            if tl.program_id(1) == 0:
+                tl.store(e_ptr + rows[:, None] * N + outs[None, :], e.to(e_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & out_ok[None, :])
         b = tl.load(lora_b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(e, b.to(dtype), acc, input_precision=PRECISION)
+        acc = tl.dot(e.to(dtype), b.to(dtype), acc, input_precision=PRECISION)
     tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor,
+                 e_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """v [M, r] fp32 = (dy * scale) @ lora_B.
 
     dy [M, N] (any strides, the activation dtype), scale [N] fp32, lora_B [N, r].
+    ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * scale (the
+    composed route's input to cuBLAS), from the same pass over dy.
     """
     dy = narrow_row_stride(dy)
     M, N = dy.shape
@@ -82,9 +94,9 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor) ->
     upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_up_grad_kernel[grid](
-        dy, scale, lora_B, v, M, N, R, m_bucket(M),
+        dy, scale, lora_B, v, e_out if e_out is not None else v, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
+        STORE_E=e_out is not None, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return v
 

@@ -157,6 +157,17 @@ def _dora_forward_kernel(
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
+    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr, norm_eps,
+                  HAS_BIAS, STORE_Q)
+
+
+@triton.jit
+def dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr, norm_eps,
+                  HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr):
+    """Store y = c * acc + bias (and, with STORE_Q, q = acc * t) for the fp32 tile acc = ypre
+    [BLOCK_M, BLOCK_N] of output columns ``outs``; y and q at ``out_offsets`` in y_ptr's dtype.
+    Shared by the fused GEMM and the composed route's epilogue pass (composed.py)."""
+    dtype = y_ptr.dtype.element_ty
     # c = g / max(n, eps), correctly rounded like torch's division (reference.magnitude_scale)
     g = tl.load(mag_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)
     n = tl.maximum(tl.load(norm_ptr + outs, mask=out_ok, other=1.0), norm_eps)

@@ -8,13 +8,13 @@ from fused_dora import FusedDoraLinear, autograd
 from helpers import DEVICE, make_inputs, rel_err
 
 
-def _op_args(store_q=True, p=0.0, trainable=("x", "lora_A", "lora_B")):
+def _op_args(store_q=True, p=0.0, trainable=("x", "lora_A", "lora_B"), route="fused"):
     t = make_inputs(13, 20, 11, 3, seed=1)
     norm = fused_dora.dora_weight_norm(t["weight"], t["lora_A"], t["lora_B"], 1.5)
     for k in tuple(trainable) + (("magnitude",) if store_q else ()):
         t[k].requires_grad_()
     return (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["magnitude"], norm, 1.5, p,
-            torch.tensor([7], dtype=torch.int64), store_q)
+            torch.tensor([7], dtype=torch.int64), store_q, route)
 
 
 @pytest.mark.parametrize("store_q, trainable", [
@@ -25,6 +25,12 @@ def _op_args(store_q=True, p=0.0, trainable=("x", "lora_A", "lora_B")):
 def test_opcheck_forward(store_q, trainable):
     # test_aot_dispatch_dynamic is slow and adds nothing for an op with static output shapes
     torch.library.opcheck(autograd.dora_fwd, _op_args(store_q, trainable=trainable), test_utils=(
+        "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("route", ["composed", "auto"])
+def test_opcheck_forward_routes(route):
+    torch.library.opcheck(autograd.dora_fwd, _op_args(True, p=0.2, route=route), test_utils=(
         "test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static"))
 
 

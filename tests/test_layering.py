@@ -10,7 +10,7 @@ PACKAGE = ROOT / "fused_dora"
 
 # each module may import only modules of a lower layer (or of its own layer, for the leaves)
 LAYERS = [
-    {"reference", "backend"},
+    {"reference", "backend", "routes"},
     {"validation", "composition"},
     {"autograd"},
     {"functional"},

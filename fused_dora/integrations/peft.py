@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..backend import BACKENDS, FusedDoraWarning, reference_reason
+from ..routes import check_route
 from ..functional import dora_linear
 from ..norm_cache import NormCache
 
@@ -137,8 +138,8 @@ class _FusedForward:
     ``.data`` bypass version counters, so after those call enable_fused_dora again).
     """
 
-    def __init__(self, layer, dropout_semantics: str, backend: str, previous=None):
-        self.layer, self.dropout_semantics, self.backend = layer, dropout_semantics, backend
+    def __init__(self, layer, dropout_semantics: str, backend: str, previous=None, route: Optional[str] = None):
+        self.layer, self.dropout_semantics, self.backend, self.route = layer, dropout_semantics, backend, route
         self.previous = previous  # an instance-level forward that was there before, if any
         self.last_input_reason = None  # why the last call's arguments went to PEFT's path
         self.last_reference_reason = None  # why the last fused call ran the PyTorch reference path
@@ -180,7 +181,8 @@ class _FusedForward:
         self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight)
         norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
-        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm)
+        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm,
+                           route=self.route)
 
 
 class _FusedExtraRepr:
@@ -194,11 +196,12 @@ class _FusedExtraRepr:
         fwd = self.layer.__dict__.get("forward")
         if not isinstance(fwd, _FusedForward):
             return own
-        return (own + ", " if own else "") + f"fused_dora={fwd.status()!r}"
+        route = f", route={fwd.route!r}" if fwd.route is not None else ""
+        return (own + ", " if own else "") + f"fused_dora={fwd.status()!r}" + route
 
 
 def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, backend: str = "auto",
-                      warn: bool = True) -> int:
+                      warn: bool = True, route: Optional[str] = None) -> int:
     """Serve every PEFT DoRA ``lora.Linear`` in ``model`` (a PeftModel or any module tree) with
     :func:`fused_dora.dora_linear`, in place. Returns the number of layers switched (layers
     already switched are updated with the new options and counted).
@@ -230,12 +233,15 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
       + c * s * B(A(dropout(x))), by running PEFT's own forward for those calls.
 
     Without active dropout (p = 0, or eval mode) both are the same function. ``backend`` is
-    passed to :func:`fused_dora.dora_linear` ("auto", "triton" or "reference").
+    passed to :func:`fused_dora.dora_linear` ("auto", "triton" or "reference"), and so is
+    ``route`` ("fused", "composed", "auto"; None: FUSED_DORA_ROUTE, else "auto").
     """
     if dropout_semantics not in DROPOUT_SEMANTICS:
         raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if route is not None:
+        check_route(route)
     _check_model(model)
     _peft_classes()
     switched, unserved, waiting = 0, {}, {}
@@ -248,7 +254,7 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
             continue
         current = module.__dict__.get("forward")
         previous = current.previous if isinstance(current, _FusedForward) else current
-        module.forward = _FusedForward(module, dropout_semantics, backend, previous)
+        module.forward = _FusedForward(module, dropout_semantics, backend, previous, route)
         module.extra_repr = _FusedExtraRepr(module)
         switched += 1
         _, reason = _active_adapter_or_reason(module, dropout_semantics)

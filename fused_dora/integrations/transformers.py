@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch.nn as nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..routes import check_route
 from .peft import DROPOUT_SEMANTICS, enable_fused_dora, fused_dora_status
 
 logger = logging.getLogger(__name__)
@@ -25,14 +26,17 @@ logger = logging.getLogger(__name__)
 class FusedDoraCallback(TrainerCallback):
     """Serve the trainer's PEFT DoRA layers with fused_dora's kernels.
 
-    ``dropout_semantics`` and ``backend`` are passed to ``enable_fused_dora``; ``warn=False``
+    ``dropout_semantics``, ``backend`` and ``route`` are passed to ``enable_fused_dora``; ``warn=False``
     silences its warning about layers that can never be served (they keep PEFT's forward).
     """
 
-    def __init__(self, dropout_semantics: str = "fused", *, backend: str = "auto", warn: bool = True) -> None:
+    def __init__(self, dropout_semantics: str = "fused", *, backend: str = "auto", warn: bool = True,
+                 route: Optional[str] = None) -> None:
         if dropout_semantics not in DROPOUT_SEMANTICS:
             raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
-        self.dropout_semantics, self.backend, self.warn = dropout_semantics, backend, warn
+        if route is not None:
+            check_route(route)
+        self.dropout_semantics, self.backend, self.warn, self.route = dropout_semantics, backend, warn, route
         self.fused_layers: Optional[int] = None  # after the first switch: how many layers it switched
 
     def _switch(self, model: Optional[nn.Module]) -> None:
@@ -40,7 +44,7 @@ class FusedDoraCallback(TrainerCallback):
             return
         first = self.fused_layers is None
         self.fused_layers = enable_fused_dora(model, self.dropout_semantics, backend=self.backend,
-                                              warn=self.warn and first)
+                                              warn=self.warn and first, route=self.route)
         if first:
             counts = fused_dora_status(model).counts
             logger.info("FusedDoraCallback: %d PEFT DoRA layers served by fused_dora (%s)", self.fused_layers,

@@ -1,0 +1,203 @@
+"""Which route runs the two big GEMMs: the fused Triton GEMMs, or cuBLAS with light Triton passes.
+
+    "fused"     the forward GEMM x @ W.T + su @ B.T and the input-gradient GEMM (dy * c) @ W
+                + s * dropout_bwd(v @ A) are Triton kernels with the DoRA work in their
+                prologues / epilogues (kernels/forward.py, kernels/backward.py)
+    "composed"  torch.mm (cuBLAS) does x @ W.T and e @ W, reading W in place; Triton passes
+                around it add the LoRA terms, scale, add the bias (kernels/composed.py)
+    "auto"      the faster of the two, timed on first use per GPU, dtypes, shape bucket and
+                dropout on/off, separately for the forward and the backward; cached for the
+                process (and in FUSED_DORA_ROUTE_CACHE, a JSON file, when that is set).
+                Off CUDA there is nothing to time: "fused" (unless set_route_timer installed a
+                timer, which the tests do).
+
+Both routes compute the same math and save the same tensors (fused_dora.autograd), so the forward
+and the backward of one call may take different routes. Default: the FUSED_DORA_ROUTE
+environment variable, else "auto". Each choice "auto" makes is logged once on the
+"fused_dora.routes" logger (INFO) with both timings.
+"""
+import json
+import logging
+import os
+import threading
+from typing import Callable, Dict, Optional
+
+import torch
+
+ROUTES = ("fused", "composed")
+ROUTE_CHOICES = ROUTES + ("auto",)
+ROUTE_ENV = "FUSED_DORA_ROUTE"
+ROUTE_CACHE_ENV = "FUSED_DORA_ROUTE_CACHE"
+
+logger = logging.getLogger("fused_dora.routes")
+
+# timer(candidates, device) -> {route: seconds} or None (None: cannot time here, take "fused")
+RouteTimer = Callable[[Dict[str, Callable[[], object]], torch.device], Optional[Dict[str, float]]]
+
+_choices: Dict[str, str] = {}  # key -> route, this process's (and the disk cache's) choices
+_disk_loaded: Optional[str] = None  # the cache file read into _choices
+_lock = threading.Lock()
+_timer: Optional[RouteTimer] = None
+
+
+def default_route() -> str:
+    """FUSED_DORA_ROUTE if set (checked), else "auto"."""
+    route = os.environ.get(ROUTE_ENV, "") or "auto"
+    if route not in ROUTE_CHOICES:
+        raise ValueError(f"{ROUTE_ENV} must be one of {ROUTE_CHOICES}, got {route!r}")
+    return route
+
+
+def check_route(route: Optional[str]) -> str:
+    """``route`` checked (None: `default_route`)."""
+    if route is None:
+        return default_route()
+    if not isinstance(route, str) or route not in ROUTE_CHOICES:
+        raise ValueError(f"route must be one of {ROUTE_CHOICES} or None, got {route!r}")
+    return route
+
+
+def set_route_timer(timer: Optional[RouteTimer] = None) -> None:
+    """Time routes with ``timer(candidates, device) -> {route: seconds}`` (None: CUDA events,
+    on CUDA devices only). Clears the choices made so far."""
+    global _timer
+    _timer = timer
+    clear_route_choices()
+
+
+def clear_route_choices() -> None:
+    """Forget every choice "auto" made (the disk cache file is left as it is, and not reread)."""
+    global _disk_loaded
+    with _lock:
+        _choices.clear()
+        _disk_loaded = os.environ.get(ROUTE_CACHE_ENV, "")
+
+
+def route_choices() -> Dict[str, str]:
+    """A copy of the choices "auto" made: key -> route."""
+    with _lock:
+        return dict(_choices)
+
+
+def _bucket(m: int) -> int:
+    """Powers of two, so new sequence lengths reuse a choice (as the kernels' autotune keys do)."""
+    return 1 << max(int(m) - 1, 0).bit_length()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    return device.type
+
+
+def route_key(direction: str, device: torch.device, x_dtype, adapter_dtype, M: int, N: int, K: int, R: int,
+              dropout: bool, variant: bool) -> str:
+    """The cache key of one choice, e.g. "forward NVIDIA_H100 bfloat16/float32 M4096 N4096 K4096 r16
+    dropout training". ``variant``: the forward stores q (training), the backward needs dx."""
+    kind = ("training" if variant else "inference") if direction == "forward" else ("dx" if variant else "no-dx")
+    return (f"{direction} {_device_name(device)} {_dtype_name(x_dtype)}/{_dtype_name(adapter_dtype)} "
+            f"M{_bucket(M)} N{N} K{K} r{R} {'dropout' if dropout else 'no-dropout'} {kind}")
+
+
+def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[], object]],
+                 device: torch.device) -> str:
+    """``route`` itself if it is "fused" or "composed"; for "auto", the cached choice for
+    ``route_key(*key_args)``, else the faster candidate by the timer (each candidate runs the
+    route on the real inputs, writing to scratch outputs), then cached and logged."""
+    if route != "auto":
+        return route
+    key = route_key(*key_args)
+    _load_disk_cache()
+    chosen = _choices.get(key)
+    if chosen is not None:
+        return chosen
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "fused"  # no timing inside a CUDA graph capture; the next eager call decides
+    times = (_timer or cuda_event_timer)(candidates, device)
+    if not times:
+        chosen = "fused"
+        logger.debug("route for %s: fused (nothing to time on %s)", key, device.type)
+    else:
+        chosen = min(times, key=times.get)
+        logger.info("route for %s: %s (%s)", key, chosen,
+                    ", ".join(f"{r} {1e3 * t:.3f} ms" for r, t in sorted(times.items())))
+    with _lock:
+        _choices[key] = chosen
+    if times:
+        _save_disk_cache(key, chosen)
+    return chosen
+
+
+def cuda_event_timer(candidates: Dict[str, Callable[[], object]], device: torch.device,
+                     reps: int = 5) -> Optional[Dict[str, float]]:
+    """Seconds per call of each candidate (the median of ``reps``, timed with CUDA events after
+    one warm-up call, which also compiles and autotunes its kernels); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with torch.cuda.device(device):
+        for run in candidates.values():
+            run()
+        times = {}
+        for name, run in candidates.items():
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+            for start, end in events:
+                start.record()
+                run()
+                end.record()
+            torch.cuda.synchronize()
+            ms = sorted(start.elapsed_time(end) for start, end in events)
+            times[name] = ms[len(ms) // 2] * 1e-3
+    return times
+
+
+def _versions() -> str:
+    import triton
+
+    return f"torch {torch.__version__}, triton {triton.__version__}"
+
+
+def _load_disk_cache() -> None:
+    """Read FUSED_DORA_ROUTE_CACHE into the choices once per file name (a missing, unreadable or
+    other-version file is ignored)."""
+    global _disk_loaded
+    path = os.environ.get(ROUTE_CACHE_ENV, "")
+    if path == _disk_loaded:
+        return
+    with _lock:
+        _disk_loaded = path
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        if isinstance(saved, dict) and saved.get("versions") == _versions():
+            for key, route in saved.get("choices", {}).items():
+                if route in ROUTES:
+                    _choices.setdefault(key, route)
+
+
+def _save_disk_cache(key: str, route: str) -> None:
+    """Add one choice to FUSED_DORA_ROUTE_CACHE (rewritten whole; a write error is logged, not raised)."""
+    path = os.environ.get(ROUTE_CACHE_ENV, "")
+    if not path:
+        return
+    with _lock:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict) or saved.get("versions") != _versions():
+                raise ValueError
+        except (OSError, ValueError):
+            saved = {"versions": _versions(), "choices": {}}
+        saved.setdefault("choices", {})[key] = route
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(saved, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as err:
+            logger.warning("could not write the route cache %s: %s", path, err)
