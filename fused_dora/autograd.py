@@ -1,4 +1,4 @@
-"""The two autograd routes of the fused op, over one saved layout and one gradient formula.
+"""The two autograd paths of the fused op, over one saved layout and one gradient formula.
 
 Shapes: x [M, K], W [N, K], bias b [N], A = lora_A [r, K], B = lora_B [N, r], magnitude g [N],
 scaling s, dropout with keep probability 1 - p (mask regenerated from a Philox seed).
@@ -26,9 +26,10 @@ Saved for the backward, only what the needed gradients read (``saved_tensors``):
 dW), su (for dB), q = ypre · t (for dg; t = 2**floor(log2 c) per column keeps q finite in
 16 bits wherever y is, see composition.magnitude_grad_rescale), the [N] fp32 norm (a training
 forward computes its own: 4·N bytes), and the parameters W, A, B, g (saving those costs no
-memory). c is re-formed from g and n.
+memory). c is re-formed from g and n. Both GEMM routes (fused / composed, fused_dora.routes)
+compute these same quantities and save the same tensors, so forward and backward choose apart.
 
-Routes:
+Autograd paths:
 - ``FusedDoraFunction`` (eager calls): a torch.autograd.Function, least dispatch overhead.
 - ``fused_dora::dora_fwd`` / ``dora_bwd`` / ``row_norm`` (torch.compile): custom ops with fake
   implementations and a registered autograd formula, so Dynamo and AOTAutograd trace around

@@ -4,8 +4,9 @@
     y = c * (x @ W.T + s * dropout(x) @ A.T @ B.T) + bias
 
 The forward, every gradient and what is saved: fused_dora.autograd's module docstring.
-Routes: the pure-PyTorch reference (fused_dora.reference), the eager autograd Function, or the
-torch.library ops while torch.compile traces (fused_dora.autograd).
+Paths: the pure-PyTorch reference (fused_dora.reference), the eager autograd Function, or the
+torch.library ops while torch.compile traces (fused_dora.autograd); on the last two, the big
+GEMMs take the route the ``route`` argument names (fused_dora.routes).
 """
 from typing import Optional
 

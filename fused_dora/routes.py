@@ -66,11 +66,12 @@ def set_route_timer(timer: Optional[RouteTimer] = None) -> None:
 
 
 def clear_route_choices() -> None:
-    """Forget every choice "auto" made (the disk cache file is left as it is, and not reread)."""
+    """Forget every choice "auto" made in this process; the next "auto" call reads
+    FUSED_DORA_ROUTE_CACHE again if it is set (delete that file to time everything anew)."""
     global _disk_loaded
     with _lock:
         _choices.clear()
-        _disk_loaded = os.environ.get(ROUTE_CACHE_ENV, "")
+        _disk_loaded = None
 
 
 def route_choices() -> Dict[str, str]:

@@ -1,0 +1,288 @@
+"""The two GEMM routes (issue 12): "composed" (torch.mm + light Triton passes, kernels/composed.py)
+passes the same float64 parity tests as "fused", and "auto" picks by a timer (stubbed here: there
+is nothing to time on a CPU), caches the choice, logs it, and can keep it on disk."""
+import json
+import logging
+
+import pytest
+import torch
+
+import fused_dora
+import fused_dora.kernels as K
+from fused_dora import FusedDoraLinear, routes
+from fused_dora.composition import draw_dropout_seed
+from helpers import DEVICE, TOL, assert_close, make_inputs, reference_fp64, rel_err, run
+
+SHAPES = [(1, 45, 53, 1), (37, 45, 53, 3), (50, 70, 33, 21), (29, 40, 70, 64)]  # ragged; r over one rank chunk
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch):
+    """Each test starts with no cached choice, the default timer, and no route settings."""
+    monkeypatch.delenv(routes.ROUTE_ENV, raising=False)
+    monkeypatch.delenv(routes.ROUTE_CACHE_ENV, raising=False)
+    routes.set_route_timer(None)
+    yield
+    routes.set_route_timer(None)
+
+
+def _composed(**kw):
+    return fused_dora.dora_linear(backend="triton", route="composed", **kw)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float16, torch.float16)], ids=["fp32", "fp16+fp32", "fp16"])
+def test_composed_forward_and_grads_match_fp64(shape, dtype, adapter_dtype):
+    M, Kdim, N, r = shape
+    inputs = make_inputs(M, Kdim, N, r, dtype=dtype, adapter_dtype=adapter_dtype, seed=M + N)
+    out, grads = run(_composed, inputs, scaling=1.7)
+    ref_out, ref_grads = reference_fp64(inputs, scaling=1.7)
+    assert out.dtype == dtype and grads["lora_A"].dtype == adapter_dtype
+    assert_close(out, grads, ref_out, ref_grads, dtype, f"composed {shape} {dtype}/{adapter_dtype}")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_composed_dropout_uses_the_forward_mask(p, dtype):
+    M, Kdim, N, r = 45, 37, 29, 5
+    inputs = make_inputs(M, Kdim, N, r, dtype=dtype, adapter_dtype=torch.float32, seed=21)
+    torch.manual_seed(1234)
+    out, grads = run(_composed, inputs, scaling=1.5, dropout_p=p, training=True)
+    torch.manual_seed(1234)  # replay the seed the op drew
+    mask = K.dropout_mask(draw_dropout_seed(), M, Kdim, p, DEVICE)
+    assert 0 < mask.sum() < mask.numel()
+    ref_out, ref_grads = reference_fp64(inputs, scaling=1.5, dropout_p=p, training=True, dropout_mask=mask)
+    assert_close(out, grads, ref_out, ref_grads, dtype, f"composed dropout p={p}")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("trainable", [("x",), ("lora_A",), ("lora_B",), ("magnitude",), ("x", "magnitude")],
+                         ids=["x", "A", "B", "magnitude", "x+magnitude"])
+def test_composed_leading_dims_and_gradient_subsets(bias, trainable):
+    inputs = make_inputs(None, 24, 19, 5, bias=bias, lead=(3, 11), seed=3)
+    leaves = {k: (v.clone().requires_grad_(k in trainable) if v is not None else None) for k, v in inputs.items()}
+    y = _composed(**leaves, scaling=0.5)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [leaves[k] for k in trainable], dy)
+    ref = {k: (v.double().requires_grad_(k in trainable) if v is not None else None) for k, v in inputs.items()}
+    y64 = fused_dora.reference.dora_linear(**ref, scaling=0.5)
+    ref_grads = torch.autograd.grad(y64, [ref[k] for k in trainable], dy.double())
+    assert y.shape == (3, 11, 19) and rel_err(y, y64) < TOL[torch.float32]
+    for name, g, g64 in zip(trainable, grads, ref_grads):
+        assert rel_err(g, g64) < TOL[torch.float32], name
+
+
+def test_composed_non_contiguous_input_inference_and_in_place():
+    inputs = make_inputs(30, 26, 21, 4, seed=9)
+    inputs["x"] = torch.randn(26, 60)[:, ::2].T  # [30, 26] with strides (2, 60)
+    y64 = fused_dora.reference.dora_linear(**{k: v.double() for k, v in inputs.items()}, scaling=1.3)
+    with torch.inference_mode():
+        y = _composed(**inputs, scaling=1.3)
+    assert rel_err(y, y64) < TOL[torch.float32]
+    x = inputs["x"].clone().requires_grad_()
+    y = _composed(**(inputs | {"x": x}), scaling=1.3)
+    y.relu_()  # a tensor of its own, as on the fused route
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_launchers_of_the_composed_passes_vs_fp64():
+    """Each new pass on its own: lora_up_grad's e output, the forward epilogue pass, the dx LoRA pass."""
+    M, Kdim, N, r, s, p = 33, 40, 27, 6, 1.3, 0.25
+    t = make_inputs(M, Kdim, N, r, seed=4)
+    dy, scale = torch.randn(M, N), torch.rand(N) + 0.5
+    e = torch.empty(M, N)
+    v = K.lora_up_grad(dy, scale, t["lora_B"], e_out=e)
+    torch.testing.assert_close(e, dy * scale)
+    assert rel_err(v, (dy.double() * scale.double()) @ t["lora_B"].double()) < 1e-5
+
+    su = torch.randn(M, r)
+    norm = torch.rand(N) + 0.5
+    y = (t["x"] @ t["weight"].T).contiguous()
+    ypre = t["x"].double() @ t["weight"].double().T + su.double() @ t["lora_B"].double().T
+    q = K.dora_compose_epilogue(y, su, t["lora_B"], t["magnitude"], norm, t["bias"], 1e-12, store_q=True)
+    c = t["magnitude"].double() / norm.double()
+    assert rel_err(y, c * ypre + t["bias"].double()) < 1e-5
+    assert rel_err(q, ypre * fused_dora.composition.magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
+
+    base = torch.randn(M, Kdim)
+    dx = base.clone()
+    K.add_lora_input_grad(dx, v, t["lora_A"], s, p, seed=77)
+    mask = K.dropout_mask(77, M, Kdim, p, DEVICE).double()
+    want = base.double() + s * mask * (v.double() @ t["lora_A"].double()) / (1 - p)
+    assert rel_err(dx, want) < 1e-5
+
+
+# ---- choosing: the argument, the attribute, the environment ------------------------------------
+def test_bad_routes_are_refused_by_name(monkeypatch):
+    t = make_inputs(4, 8, 6, 2)
+    with pytest.raises(ValueError, match="route must be one of"):
+        fused_dora.dora_linear(**t, scaling=1.0, backend="triton", route="cublas")
+    with pytest.raises(ValueError, match="route must be one of"):
+        FusedDoraLinear(8, 6, route="fast")
+    monkeypatch.setenv(routes.ROUTE_ENV, "quick")
+    with pytest.raises(ValueError, match="FUSED_DORA_ROUTE must be one of"):
+        fused_dora.dora_linear(**t, scaling=1.0, backend="triton")
+
+
+def _count_launches(monkeypatch):
+    """Counts of the launches that tell the routes apart."""
+    calls = {"dora_forward": 0, "dora_compose_epilogue": 0, "dora_input_grad": 0, "add_lora_input_grad": 0}
+    for name in calls:
+        real = getattr(K, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(K, name, counted)
+    return calls
+
+
+def test_environment_attribute_and_argument_pick_the_route(monkeypatch):
+    calls = _count_launches(monkeypatch)
+    layer = FusedDoraLinear(16, 12, r=4, backend="triton")
+    x = torch.randn(5, 16, requires_grad=True)
+    monkeypatch.setenv(routes.ROUTE_ENV, "composed")
+    layer(x).sum().backward()
+    assert calls == {"dora_forward": 0, "dora_compose_epilogue": 1, "dora_input_grad": 0, "add_lora_input_grad": 1}
+    layer.route = "fused"  # the attribute wins over the environment
+    layer(x).sum().backward()
+    assert calls["dora_forward"] == 1 and calls["dora_input_grad"] == 1
+    assert "route='fused'" in repr(layer)
+    monkeypatch.delenv(routes.ROUTE_ENV)
+    layer.route = None  # "auto": nothing to time on a CPU, so fused
+    layer(x).sum().backward()
+    assert calls["dora_forward"] == 2 and calls["dora_compose_epilogue"] == 1
+
+
+# ---- auto, with a stub timer ---------------------------------------------------------------------
+class StubTimer:
+    """Says ``prefer[direction]`` is faster; records which candidates it was asked to time."""
+
+    def __init__(self, forward="composed", backward="composed"):
+        self.prefer = {"forward": forward, "backward": backward}
+        self.asked = []
+
+    def __call__(self, candidates, device):
+        outputs = {name: run() for name, run in candidates.items()}  # each candidate really runs
+        direction = "forward" if all(not isinstance(o, tuple) for o in outputs.values()) else "backward"
+        self.asked.append((direction, sorted(candidates)))
+        return {name: (1.0 if name == self.prefer[direction] else 2.0) for name in candidates}
+
+
+@pytest.mark.parametrize("forward, backward", [("composed", "composed"), ("fused", "fused"),
+                                               ("composed", "fused"), ("fused", "composed")])
+def test_auto_takes_what_the_timer_prefers_and_stays_correct(monkeypatch, forward, backward):
+    calls = _count_launches(monkeypatch)
+    timer = StubTimer(forward, backward)
+    routes.set_route_timer(timer)
+    inputs = make_inputs(37, 45, 53, 3, seed=8)
+    out, grads = run(fused_dora.dora_linear, inputs, scaling=1.7, backend="triton", route="auto")
+    ref_out, ref_grads = reference_fp64(inputs, scaling=1.7)
+    assert_close(out, grads, ref_out, ref_grads, torch.float32, f"auto {forward}/{backward}")
+    assert timer.asked == [("forward", ["composed", "fused"]), ("backward", ["composed", "fused"])]
+    # the timing ran each candidate once; then the chosen route ran for real
+    assert calls["dora_forward"] == 1 + (forward == "fused")
+    assert calls["dora_compose_epilogue"] == 1 + (forward == "composed")
+    assert calls["add_lora_input_grad"] == 1 + (backward == "composed")
+    chosen = routes.route_choices()
+    assert sorted(chosen.values()) == sorted([forward, backward])
+    assert any(k.startswith("forward cpu float32/float32 M64 N53 K45 r3 no-dropout training") for k in chosen)
+
+
+def test_auto_times_once_per_bucket_and_logs_the_choice(caplog):
+    timer = StubTimer("composed", "fused")
+    routes.set_route_timer(timer)
+    layer = FusedDoraLinear(20, 14, r=4, backend="triton", route="auto")
+    with caplog.at_level(logging.INFO, logger="fused_dora"):
+        for M in (33, 40, 64):  # one M bucket (64): timed once
+            layer(torch.randn(M, 20, requires_grad=True)).sum().backward()
+        with torch.no_grad():
+            layer(torch.randn(40, 20))  # inference is its own case (no q stored)
+        layer(torch.randn(65, 20))  # next bucket, no grad needed for dx: forward only
+    assert [d for d, _ in timer.asked] == ["forward", "backward", "forward", "forward"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "fused_dora.routes"]
+    assert len(lines) == 4
+    assert "route for forward cpu float32/float32 M64 N14 K20 r4 no-dropout training: composed" in lines[0]
+    assert "composed 1000.000 ms, fused 2000.000 ms" in lines[0]
+
+
+def test_auto_without_a_timer_is_fused_off_cuda(monkeypatch):
+    calls = _count_launches(monkeypatch)
+    t = make_inputs(6, 8, 7, 2)
+    fused_dora.dora_linear(**t, scaling=1.0, backend="triton", route="auto")
+    assert calls["dora_forward"] == 1 and calls["dora_compose_epilogue"] == 0
+    assert set(routes.route_choices().values()) == {"fused"}
+
+
+def test_auto_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
+    path = tmp_path / "routes.json"
+    monkeypatch.setenv(routes.ROUTE_CACHE_ENV, str(path))
+    routes.set_route_timer(StubTimer("composed", "composed"))
+    t = make_inputs(6, 8, 7, 2)
+    fused_dora.dora_linear(**t, scaling=1.0, backend="triton", route="auto")
+    saved = json.loads(path.read_text())
+    assert list(saved["choices"].values()) == ["composed"] and "torch" in saved["versions"]
+
+    def no_timing(candidates, device):
+        raise AssertionError("the cached choice should have been used")
+
+    routes.set_route_timer(no_timing)  # forgets the in-process choices; the file is read again
+    calls = _count_launches(monkeypatch)
+    fused_dora.dora_linear(**t, scaling=1.0, backend="triton", route="auto")
+    assert calls["dora_compose_epilogue"] == 1 and calls["dora_forward"] == 0
+
+
+@pytest.mark.parametrize("route", ["composed", "auto"])
+def test_compiled_model_on_each_route_matches_eager(route):
+    torch._dynamo.reset()
+    routes.set_route_timer(StubTimer("composed", "fused"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(FusedDoraLinear(24, 32, r=4, lora_alpha=8, route=route), torch.nn.GELU(),
+                                FusedDoraLinear(32, 16, r=3, lora_alpha=3, route=route)).to(DEVICE)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_(0, 0.3)
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    model(x).square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    y = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    y.square().sum().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, eager[n]) < 1e-5, n
+
+
+def test_peft_model_on_the_composed_route_matches_peft(monkeypatch):
+    """enable_fused_dora(route="composed"): logits, loss and every adapter gradient as PEFT's own."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from fused_dora.integrations.peft import enable_fused_dora
+    from helpers import LLAMA_TARGETS, randomize_adapters, tiny_llama
+
+    calls = _count_launches(monkeypatch)
+    model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(use_dora=True, r=4, lora_alpha=8,
+                                                               target_modules=LLAMA_TARGETS))
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads()
+    assert enable_fused_dora(model, route="composed") == 2 * len(LLAMA_TARGETS)
+    loss, grads = loss_and_grads()
+    assert calls["dora_compose_epilogue"] == 2 * len(LLAMA_TARGETS) and calls["dora_forward"] == 0
+    assert rel_err(loss, ref_loss) < 1e-5
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "fused_dora='fused', route='composed'" in repr(q_proj)
+    with pytest.raises(ValueError, match="route must be one of"):
+        enable_fused_dora(model, route="cuBLAS")
