@@ -8,6 +8,8 @@ The two big GEMMs take one of two routes (fused_dora.routes): "fused" (Triton GE
 DoRA work inside) or "composed" (torch.mm, i.e. cuBLAS, with light Triton passes around it).
 Everything else, and what is saved, is the same on both.
 """
+import contextlib
+
 import torch
 
 from .backend import load_kernels
@@ -33,6 +35,14 @@ def draw_dropout_seed() -> int:
     that generator before recomputing, so a recomputed forward draws the same mask.
     """
     return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off for ``device`` (a no-op for devices autocast does not know, e.g.
+    meta): torch.mm on the composed route must keep the dtypes the kernels around it expect."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def pow2_floor(v: torch.Tensor) -> torch.Tensor:
@@ -80,7 +90,8 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
     def run(route, out):
         """(q or None); out [M, N] receives y."""
         if route == "composed":
-            torch.mm(x, weight.t(), out=out)
+            with no_autocast(x.device):  # dora_linear already applied autocast's dtype
+                torch.mm(x, weight.t(), out=out)
             return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
         return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
 
@@ -116,7 +127,8 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_
             if route == "composed":
                 e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
                 v = k.lora_up_grad(dy, scale, lora_B, e_out=e)
-                dx = torch.mm(e, weight)
+                with no_autocast(dy.device):  # a backward inherits the forward's autocast
+                    dx = torch.mm(e, weight)
                 k.add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
                 return v, dx
             v = k.lora_up_grad(dy, scale, lora_B)

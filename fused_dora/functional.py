@@ -89,11 +89,13 @@ def dora_linear(
                                route=route)
     scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm,
                                       training)
-    route = check_route(route)
+    if route is not None:  # a bad argument is an error on every backend; FUSED_DORA_ROUTE only where read
+        check_route(route)
     p = dropout_p if training else 0.0
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude, weight=weight)
     if use == "reference":
         return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training=p > 0, norm=norm)
+    route = check_route(route)
     K, N = weight.shape[1], weight.shape[0]
     x2d = narrow_column_offsets(x.reshape(-1, K))
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around

@@ -199,7 +199,8 @@ class FusedDoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
-                f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}, route={self.route!r}")
+                f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}, "
+                f"route={getattr(self, 'route', None)!r}")
 
     # ---- the norm cache -----------------------------------------------------------------
     def clear_norm_cache(self) -> None:
@@ -229,7 +230,7 @@ class FusedDoraLinear(nn.Module):
         return dora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
             dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
-            route=self.route,
+            route=getattr(self, "route", None),  # layers pickled before routes existed have none
         )
 
     def _adapter_fingerprint(self) -> torch.Tensor:

@@ -8,8 +8,13 @@
     "auto"      the faster of the two, timed on first use per GPU, dtypes, shape bucket and
                 dropout on/off, separately for the forward and the backward; cached for the
                 process (and in FUSED_DORA_ROUTE_CACHE, a JSON file, when that is set).
-                Off CUDA there is nothing to time: "fused" (unless set_route_timer installed a
-                timer, which the tests do).
+                "composed" must win by COMPOSED_MARGIN, and is not considered for fp16
+                activations (it rounds x @ W.T to fp16 before the scale c, so where c is small
+                it overflows where the fused route does not), under
+                torch.use_deterministic_algorithms (cuBLAS needs a workspace setting there), or
+                when it fails (an out-of-memory error, say): "fused" then. Off CUDA there is
+                nothing to time: "fused" (unless set_route_timer installed a timer, which the
+                tests do).
 
 Both routes compute the same math and save the same tensors (fused_dora.autograd), so the forward
 and the backward of one call may take different routes. Default: the FUSED_DORA_ROUTE
@@ -28,6 +33,7 @@ ROUTES = ("fused", "composed")
 ROUTE_CHOICES = ROUTES + ("auto",)
 ROUTE_ENV = "FUSED_DORA_ROUTE"
 ROUTE_CACHE_ENV = "FUSED_DORA_ROUTE_CACHE"
+COMPOSED_MARGIN = 0.95  # "auto" takes "composed" only below this fraction of the fused time
 
 logger = logging.getLogger("fused_dora.routes")
 
@@ -98,10 +104,27 @@ def _device_name(device: torch.device) -> str:
 def route_key(direction: str, device: torch.device, x_dtype, adapter_dtype, M: int, N: int, K: int, R: int,
               dropout: bool, variant: bool) -> str:
     """The cache key of one choice, e.g. "forward NVIDIA_H100 bfloat16/float32 M4096 N4096 K4096 r16
-    dropout training". ``variant``: the forward stores q (training), the backward needs dx."""
+    dropout training". ``variant``: the forward stores q (training), the backward needs dx. fp32
+    activations also record torch's TF32 switch, which changes both routes' GEMMs."""
     kind = ("training" if variant else "inference") if direction == "forward" else ("dx" if variant else "no-dx")
-    return (f"{direction} {_device_name(device)} {_dtype_name(x_dtype)}/{_dtype_name(adapter_dtype)} "
+    x_name = _dtype_name(x_dtype)
+    if x_dtype == torch.float32:
+        x_name += "-tf32" if torch.backends.cuda.matmul.allow_tf32 else "-ieee"
+    return (f"{direction} {_device_name(device)} {x_name}/{_dtype_name(adapter_dtype)} "
             f"M{_bucket(M)} N{N} K{K} r{R} {'dropout' if dropout else 'no-dropout'} {kind}")
+
+
+def _untimed_reason(key_args: tuple, device: torch.device) -> Optional[str]:
+    """Why "auto" takes "fused" without timing, or None."""
+    if key_args[2] == torch.float16:
+        return "fp16 activations (the composed route would round x @ W.T to fp16 before the scale)"
+    if torch.are_deterministic_algorithms_enabled():
+        return "torch.use_deterministic_algorithms is on"
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            if torch.cuda.is_current_stream_capturing():
+                return "inside a CUDA graph capture"
+    return None
 
 
 def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[], object]],
@@ -111,21 +134,40 @@ def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[],
     route on the real inputs, writing to scratch outputs), then cached and logged."""
     if route != "auto":
         return route
+    why = _untimed_reason(key_args, device)
+    if why is not None:  # not cached: the reason may not hold for the next call
+        return "fused"
     key = route_key(*key_args)
     _load_disk_cache()
     chosen = _choices.get(key)
     if chosen is not None:
         return chosen
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return "fused"  # no timing inside a CUDA graph capture; the next eager call decides
-    times = (_timer or cuda_event_timer)(candidates, device)
+    failed: Dict[str, BaseException] = {}
+
+    def guarded(name: str, run: Callable[[], object]) -> Callable[[], object]:
+        def call() -> object:
+            if name in failed:
+                return None
+            try:
+                return run()
+            except Exception as err:  # out of memory, a cuBLAS or compile error: not this route
+                failed[name] = err
+                return None
+        return call
+
+    times = (_timer or cuda_event_timer)({n: guarded(n, r) for n, r in candidates.items()}, device)
+    if "fused" in failed:  # the route that runs anyway: let its error surface there
+        times = None
+    for name, err in failed.items():
+        logger.warning("route for %s: %s failed while being timed (%s); not taken", key, name, err)
     if not times:
         chosen = "fused"
         logger.debug("route for %s: fused (nothing to time on %s)", key, device.type)
     else:
-        chosen = min(times, key=times.get)
+        fused, composed = times.get("fused"), times.get("composed")
+        chosen = "composed" if "composed" not in failed and composed < COMPOSED_MARGIN * fused else "fused"
         logger.info("route for %s: %s (%s)", key, chosen,
-                    ", ".join(f"{r} {1e3 * t:.3f} ms" for r, t in sorted(times.items())))
+                    ", ".join(f"{r} {1e3 * t:.3f} ms" for r, t in sorted(times.items()) if r not in failed))
     with _lock:
         _choices[key] = chosen
     if times:
@@ -134,31 +176,42 @@ def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[],
 
 
 def cuda_event_timer(candidates: Dict[str, Callable[[], object]], device: torch.device,
-                     reps: int = 5) -> Optional[Dict[str, float]]:
-    """Seconds per call of each candidate (the median of ``reps``, timed with CUDA events after
-    one warm-up call, which also compiles and autotunes its kernels); None off CUDA."""
+                     reps: int = 10) -> Optional[Dict[str, float]]:
+    """Seconds per call of each candidate: the median of ``reps`` calls timed with CUDA events,
+    the candidates alternating (so a clock or a neighbour's load drifts over both alike), after
+    one warm-up call each, which also compiles and autotunes their kernels. None off CUDA."""
     if device.type != "cuda":
         return None
     with torch.cuda.device(device):
         for run in candidates.values():
             run()
-        times = {}
-        for name, run in candidates.items():
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-            for start, end in events:
+        events = {name: [] for name in candidates}
+        for _ in range(reps):
+            for name, run in candidates.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 run()
                 end.record()
-            torch.cuda.synchronize()
-            ms = sorted(start.elapsed_time(end) for start, end in events)
-            times[name] = ms[len(ms) // 2] * 1e-3
+                events[name].append((start, end))
+        torch.cuda.synchronize()
+    times = {}
+    for name, pairs in events.items():
+        ms = sorted(start.elapsed_time(end) for start, end in pairs)
+        times[name] = ms[len(ms) // 2] * 1e-3
     return times
 
 
 def _versions() -> str:
+    """What a cached choice depends on besides its key: the kernels' and the libraries' versions."""
+    import importlib.metadata
+
     import triton
 
-    return f"torch {torch.__version__}, triton {triton.__version__}"
+    try:
+        ours = importlib.metadata.version("fused_dora")
+    except importlib.metadata.PackageNotFoundError:
+        ours = "source"
+    return f"fused_dora {ours}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}"
 
 
 def _load_disk_cache() -> None:
@@ -166,9 +219,9 @@ def _load_disk_cache() -> None:
     other-version file is ignored)."""
     global _disk_loaded
     path = os.environ.get(ROUTE_CACHE_ENV, "")
-    if path == _disk_loaded:
-        return
     with _lock:
+        if path == _disk_loaded:
+            return
         _disk_loaded = path
         try:
             with open(path) as f:
@@ -182,7 +235,9 @@ def _load_disk_cache() -> None:
 
 
 def _save_disk_cache(key: str, route: str) -> None:
-    """Add one choice to FUSED_DORA_ROUTE_CACHE (rewritten whole; a write error is logged, not raised)."""
+    """Add one choice to FUSED_DORA_ROUTE_CACHE (rewritten whole, atomically; processes sharing the
+    file may drop each other's newest entries, which are then timed again; a write error is
+    logged, not raised)."""
     path = os.environ.get(ROUTE_CACHE_ENV, "")
     if not path:
         return
