@@ -51,7 +51,7 @@ def _device_smem_budget(device_index: int) -> int:
 BARRIER_BYTES = 1024
 
 
-def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
+def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes, restore_value=()):
     """``triton.autotune`` over ``gpu_configs``; one fixed config under the interpreter.
 
     The interpreter cannot benchmark (no driver); autotune with one config never benchmarks.
@@ -63,6 +63,8 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
     ``case_dtypes``: the names of the pointer
     arguments that carry the activation and the adapter dtypes (None: no such argument), part of
     the case key (see `spill_case`). FUSED_DORA_AUTOTUNE=0 keeps only the first config left.
+    ``restore_value``: the pointer arguments a kernel updates in place (read, then written): the
+    search runs every config on the real buffers many times, so Triton saves and restores them.
     """
     def prune(configs, nargs, **kwargs):
         device = torch.cuda.current_device()
@@ -79,8 +81,10 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes):
             tuned = triton.autotune(configs=[interpreter_config], key=key)(kernel)
         else:
             tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                    restore_value=list(restore_value) or None,
                                     **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
-        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes)
+        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes,
+                                                                       tuple(restore_value))
         return tuned
 
     tuned_kernel = None
@@ -93,6 +97,7 @@ class TunedKernel(NamedTuple):
     configs: List[triton.Config]        # the GPU search space
     smem_bytes: Callable[[dict], int]   # a config's shared bytes (an upper bound), from arguments + config
     case_dtypes: Tuple[str, Optional[str]]  # see `autotune`
+    restore_value: Tuple[str, ...] = ()     # see `autotune`
 
     @property
     def name(self) -> str:

@@ -39,7 +39,8 @@ def _tile_smem_bytes(a) -> int:
 
 
 @autotune(_TILE_GPU_CONFIGS, _TILE_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_Q", "PRECISION"],
-          smem_bytes=_tile_smem_bytes, case_dtypes=("out_ptr", "lora_ptr"))
+          smem_bytes=_tile_smem_bytes, case_dtypes=("out_ptr", "lora_ptr"),
+          restore_value=("out_ptr",))  # y is read, then rewritten in place
 @triton.jit
 def _dora_compose_epilogue_kernel(
     out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [M, R], B = lora_ptr [N, R]
@@ -100,7 +101,8 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
 # dx = e @ W + s * dropout_bwd(v @ A): the first term from cuBLAS, the second added here with the
 # forward's mask (regenerated from the seed, as in backward.py's fused GEMM).
 @autotune(_TILE_GPU_CONFIGS, _TILE_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "HAS_DROPOUT", "PRECISION"],
-          smem_bytes=_tile_smem_bytes, case_dtypes=("out_ptr", "lora_ptr"))
+          smem_bytes=_tile_smem_bytes, case_dtypes=("out_ptr", "lora_ptr"),
+          restore_value=("out_ptr",))  # dx += ..., in place
 @triton.jit(do_not_specialize=["seed"])
 def _add_lora_input_grad_kernel(
     out_ptr, v_ptr, lora_ptr,            # dx [M, K] (in: e @ W; out: dx), v [M, R] fp32, A = lora_ptr [R, K]

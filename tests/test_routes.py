@@ -350,3 +350,38 @@ def test_peft_model_on_the_composed_route_matches_peft(monkeypatch):
     assert "fused_dora='fused', route='composed'" in repr(q_proj)
     with pytest.raises(ValueError, match="route must be one of"):
         enable_fused_dora(model, route="cuBLAS")
+
+
+@pytest.mark.parametrize("name", ["_dora_compose_epilogue_kernel", "_add_lora_input_grad_kernel"])
+def test_in_place_passes_survive_an_autotune_search(name):
+    """These passes read their output buffer, then rewrite it. A GPU autotune search runs every
+    config on the real buffers several times: with the kernel's declared restore_value the first
+    call's result is still right (without it, the update was applied once per benchmark run)."""
+    import triton
+    from fused_dora.kernels._launch import TUNED_KERNELS
+
+    tuned_kernel = TUNED_KERNELS[name]
+    assert tuned_kernel.restore_value == ("out_ptr",)
+
+    def bench(kernel_call, quantiles):  # a GPU benchmarker's repeated runs, on the interpreter
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    configs = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 16}), triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})]
+    search = triton.autotune(configs, key=["M"], restore_value=list(tuned_kernel.restore_value),
+                             do_bench=bench)(tuned_kernel.kernel.fn)
+    M, C, R, s = 20, 24, 3, 1.5
+    base, v, lora = torch.randn(M, C), torch.randn(M, R), torch.randn(R, C)
+    out = base.clone()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+    if name == "_add_lora_input_grad_kernel":
+        search[grid](out, v, lora, M, C, R, 32, lora.stride(0), lora.stride(1), s, 0, 0.0,
+                     HAS_DROPOUT=False, BLOCK_R=16, PRECISION="ieee")
+        want = base + s * v @ lora
+    else:
+        lora_B, mag, norm = lora.T, torch.rand(C) + 0.5, torch.rand(C) + 0.5
+        search[grid](out, v, lora_B, mag, norm, norm, out, M, C, R, 32, lora_B.stride(0), lora_B.stride(1), 1e-12,
+                     HAS_BIAS=False, STORE_Q=False, BLOCK_R=16, PRECISION="ieee")
+        want = mag / norm * (base + v @ lora_B.T)
+    assert rel_err(out, want) < 1e-5
