@@ -31,24 +31,41 @@ SHAPES = [  # (M, K, N, r)
     (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32), (torch.float32, torch.float32),
 ], ids=["bf16-fp32", "bf16", "fp16-fp32", "fp32"])
-def test_gpu_parity(shape, dtype, adapter_dtype):
+@pytest.mark.parametrize("route", ["fused", "composed", "auto"])
+def test_gpu_parity(shape, dtype, adapter_dtype, route):
     M, Kd, N, r = shape
     inputs = make_inputs(M, Kd, N, r, dtype=dtype, adapter_dtype=adapter_dtype, seed=M + r, device="cuda")
-    out, grads = run(fused_dora.dora_linear, inputs, scaling=2.0, backend="triton")
+    out, grads = run(fused_dora.dora_linear, inputs, scaling=2.0, backend="triton", route=route)
     ref_out, ref_grads = reference_fp64(inputs, scaling=2.0)
-    assert_close(out, grads, ref_out, ref_grads, dtype, f"{shape} {dtype}/{adapter_dtype}")
+    assert_close(out, grads, ref_out, ref_grads, dtype, f"{shape} {dtype}/{adapter_dtype} {route}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_dropout_mask_reuse(dtype):
+@pytest.mark.parametrize("route", ["fused", "composed"])
+def test_gpu_dropout_mask_reuse(dtype, route):
     M, Kd, N, r, p = 300, 520, 260, 16, 0.1
     inputs = make_inputs(M, Kd, N, r, dtype=dtype, adapter_dtype=torch.float32, seed=7, device="cuda")
     torch.manual_seed(11)
-    out, grads = run(fused_dora.dora_linear, inputs, scaling=1.0, dropout_p=p, training=True, backend="triton")
+    out, grads = run(fused_dora.dora_linear, inputs, scaling=1.0, dropout_p=p, training=True, backend="triton",
+                     route=route)
     torch.manual_seed(11)
     mask = K.dropout_mask(draw_dropout_seed(), M, Kd, p, "cuda")
     ref_out, ref_grads = reference_fp64(inputs, scaling=1.0, dropout_p=p, training=True, dropout_mask=mask)
-    assert_close(out, grads, ref_out, ref_grads, dtype, "dropout")
+    assert_close(out, grads, ref_out, ref_grads, dtype, f"dropout {route}")
+
+
+@pytest.mark.parametrize("route", ["fused", "composed"])
+def test_gpu_first_call_with_the_autotune_search(monkeypatch, route):
+    """With the search on (FUSED_DORA_AUTOTUNE=0 skips it elsewhere in this file), the first call
+    of a new autotune key is right: the search runs every config on the real buffers, and the
+    composed route's passes update theirs in place (restore_value)."""
+    from fused_dora.kernels import _launch
+
+    monkeypatch.setattr(_launch, "AUTOTUNE", True)
+    inputs = make_inputs(777, 1000, 555, 24, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=5, device="cuda")
+    out, grads = run(fused_dora.dora_linear, inputs, scaling=2.0, backend="triton", route=route)
+    ref_out, ref_grads = reference_fp64(inputs, scaling=2.0)
+    assert_close(out, grads, ref_out, ref_grads, torch.bfloat16, f"first call, autotune search, {route}")
 
 
 def test_gpu_high_rank_norm_without_dense_temporary():
