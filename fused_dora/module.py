@@ -12,7 +12,7 @@ from .backend import BACKENDS
 from .functional import dora_linear
 from .norm_cache import NormCache
 from .reference import magnitude_scale
-from .routes import check_route
+from .routes import check_route, route_name
 
 
 def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -200,7 +200,7 @@ class FusedDoraLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, scaling={self.scaling:g}, "
                 f"bias={self.bias is not None}, merged={self.merged}, backend={self.backend!r}, "
-                f"route={getattr(self, 'route', None)!r}")
+                f"route={route_name(getattr(self, 'route', None))!r}")
 
     # ---- the norm cache -----------------------------------------------------------------
     def clear_norm_cache(self) -> None:

@@ -54,6 +54,12 @@ def default_route() -> str:
     return route
 
 
+def route_name(route: Optional[str]) -> str:
+    """What a layer's repr shows for its ``route`` setting: the setting, or the default it stands for
+    (FUSED_DORA_ROUTE as set, unchecked, else "auto")."""
+    return route if route is not None else (os.environ.get(ROUTE_ENV, "") or "auto")
+
+
 def check_route(route: Optional[str]) -> str:
     """``route`` checked (None: `default_route`)."""
     if route is None:

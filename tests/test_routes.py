@@ -152,6 +152,7 @@ def test_environment_attribute_and_argument_pick_the_route(monkeypatch):
     assert "route='fused'" in repr(layer)
     monkeypatch.delenv(routes.ROUTE_ENV)
     layer.route = None  # "auto": nothing to time on a CPU, so fused
+    assert "route='auto'" in repr(layer)
     layer(x).sum().backward()
     assert calls["dora_forward"] == 2 and calls["dora_compose_epilogue"] == 1
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..backend import BACKENDS, FusedDoraWarning, reference_reason
-from ..routes import check_route
+from ..routes import check_route, route_name
 from ..functional import dora_linear
 from ..norm_cache import NormCache
 
@@ -196,8 +196,7 @@ class _FusedExtraRepr:
         fwd = self.layer.__dict__.get("forward")
         if not isinstance(fwd, _FusedForward):
             return own
-        route = f", route={fwd.route!r}" if fwd.route is not None else ""
-        return (own + ", " if own else "") + f"fused_dora={fwd.status()!r}" + route
+        return (own + ", " if own else "") + f"fused_dora={fwd.status()!r}, route={route_name(fwd.route)!r}"
 
 
 def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, backend: str = "auto",
