@@ -38,7 +38,7 @@ KEY_CASES = [
     ("infer", "down", 1, 16),
     ("norm", "up", 0, 16),
 ]
-COMPETITORS = ["floor", "peft_lora", "peft_dora", "eager_dense", "fused"]
+COMPETITORS = ["floor", "peft_lora", "peft_dora", "eager_dense", "fused", "fused_composed", "fused_auto"]
 NORM_COMPETITORS = ["peft_dora", "eager_dense", "fused"]
 
 

@@ -16,7 +16,7 @@ The harness behind ``python benchmarks/bench.py``; one role per module, imports 
     provenance    device, versions, git revision, command: the report's header
     report        markdown report, stdout summary, chart, the files written
     schedule      run order and the wall-time budget
-    smoke         CPU parity of the Triton path (interpreter) against float64 and PEFT
+    smoke         CPU parity of the Triton path's routes (interpreter) against float64 and PEFT
     cli           flags and the run from start to end
 
 Every competitor of a case runs in the same process, on the same weights and inputs (see
@@ -27,6 +27,6 @@ saved_tensors_hooks, unique non-parameter storages), dense [out, in] temporaries
 TorchDispatchMode watching every aten op's outputs). Verdicts come from targets.CHECKS.
 
 Without a GPU the run is a smoke mode: tiny shapes, the Triton kernels under the interpreter,
-parity of the fused path against a float64 reference and PEFT, and one pass of the whole
-harness; timings need a GPU.
+parity of the Triton path (both routes) against a float64 reference and PEFT, and one pass of
+the whole harness; timings need a GPU.
 """

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     parity_ok = True
     if smoke:
         log("")
-        log("== parity (fused Triton path vs float64 reference, forward and every gradient)")
+        log("== parity (Triton path, fused and composed routes, vs float64 reference, forward and every "
+            "gradient)")
         parity_ok = smoke_parity(dev, log)
 
     rows, skipped = run_plan(cases, specs, args, dev, timer, bw, log, t_start, budget_min, smoke)
@@ -144,8 +145,8 @@ def main(argv=None) -> int:
         log("")
         if not has_cuda:
             log("SMOKE MODE: no CUDA device. Timings need a GPU: run `python benchmarks/bench.py` on an H100/H200.")
-            log("Measured here: parity, and the byte-count targets T9 (bytes saved for backward) and T11 (no dense "
-                "[out, in] temporary), which do not depend on the device (fp16 standing for bf16).")
+            log("Measured here: parity (both routes), and the byte-count targets T9 (bytes saved for backward) "
+                "and T11 (no dense [out, in] temporary), which do not depend on the device (fp16 standing for bf16).")
             log("Skipped here: all timings and peak memory, torch.compile (ref_compile), bf16 (the interpreter "
                 "has no bf16), the timing and peak-memory verdicts, the ~1B-model and Scaling-DoRA cases (a tiny "
                 "model ran instead).")

@@ -30,17 +30,23 @@ COMPETITORS = {
     "eager_dense": "eager DoRA, dense B@A formed once per call (torchtune/axolotl style)",
     "ref_eager": "fused_dora reference path (eager)",
     "ref_compile": "fused_dora reference path under torch.compile",
-    "fused": "fused_dora Triton path",
+    "fused": "fused_dora Triton path, route=\"fused\": Triton GEMMs with the DoRA work inside (the targets judge it)",
+    "fused_composed": "fused_dora, route=\"composed\": cuBLAS (torch.mm) for the two big GEMMs, Triton passes around",
+    "fused_auto": "fused_dora, route=\"auto\": the faster route, timed on first use per shape (the report says which)",
     # norm mode only
     "linear_fwd": "F.linear forward at --norm-fwd-tokens tokens (what 'a forward' costs)",
 }
 MODE_COMPETITORS = {
     "norm": ["floor", "linear_fwd", "peft_dora", "eager_dense", "ref_eager", "fused"],
-    "infer": ["floor", "peft_lora", "peft_dora", "peft_dora_cached", "eager_dense", "ref_eager", "ref_compile", "fused"],
-    "merged": ["floor", "peft_lora", "peft_dora", "fused"],
-    "train0": ["floor", "peft_lora", "peft_dora", "eager_dense", "ref_eager", "ref_compile", "fused"],
-    "train05": ["floor", "peft_lora", "peft_dora", "eager_dense", "ref_eager", "ref_compile", "fused"],
+    "infer": ["floor", "peft_lora", "peft_dora", "peft_dora_cached", "eager_dense", "ref_eager", "ref_compile", "fused",
+              "fused_composed", "fused_auto"],
+    "merged": ["floor", "peft_lora", "peft_dora", "fused"],  # merged: F.linear on the merged W, no route to take
+    "train0": ["floor", "peft_lora", "peft_dora", "eager_dense", "ref_eager", "ref_compile", "fused", "fused_composed",
+               "fused_auto"],
+    "train05": ["floor", "peft_lora", "peft_dora", "eager_dense", "ref_eager", "ref_compile", "fused", "fused_composed",
+                "fused_auto"],
 }
+ROUTES = {"fused": "fused", "fused_composed": "composed", "fused_auto": "auto"}  # competitor -> fused_dora route
 
 
 class Unavailable(Exception):
@@ -59,6 +65,7 @@ class Competitor:
     kept: Callable[[], list] = list  # state kept between calls (not "saved for backward"); see saved_bytes
     computes_dora: bool = True  # output comparable with the DoRA reference
     note: str = ""
+    extra: Callable[[], dict] = dict  # figures added to its results after it ran (fused_auto: the routes chosen)
 
     def owned_storages(self) -> set:
         """Storages of its parameters and frozen tensors: never counted as saved or as temporaries."""
@@ -219,14 +226,14 @@ def _eager(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
     return Competitor("eager_dense", layer, [layer.lora_A, layer.lora_B, layer.magnitude], [W])
 
 
-def _fused_layer(data: CaseData, backend: str):
+def _fused_layer(data: CaseData, backend: str, route: Optional[str] = None):
     from fused_dora import FusedDoraLinear
 
     c = data.case
     W = _weight_for(data)
     # backend "auto" while building (the layer is first made on the meta device), then the one asked for
     layer = FusedDoraLinear.from_linear(linear_sharing(W), r=c.r, lora_alpha=c.alpha, lora_dropout=c.p,
-                                        adapter_dtype=data.ad, backend="auto")
+                                        adapter_dtype=data.ad, backend="auto", route=route)
     layer.backend = backend
     set_param(layer.lora_A, data.A, data.ad)
     set_param(layer.lora_B, data.B, data.ad)
@@ -236,19 +243,42 @@ def _fused_layer(data: CaseData, backend: str):
     return layer, W
 
 
-@_registers(LAYER_BUILDERS, "ref_eager", "fused")
+@_registers(LAYER_BUILDERS, "ref_eager", *ROUTES)
 def _fused(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
-    backend = "triton" if name == "fused" else "reference"
+    backend = "triton" if name in ROUTES else "reference"
     if backend == "triton":
         _require_triton(data.dev)
-    layer, W = _fused_layer(data, backend)
+    layer, W = _fused_layer(data, backend, ROUTES.get(name))
     if data.case.mode == "merged":
         layer.merge()
     params = [layer.lora_A, layer.lora_B, layer.magnitude]
     pre = layer.clear_norm_cache if (data.case.training and norm_per_step) else None
+    extra = (lambda: {"auto_route": auto_choice(data)}) if name == "fused_auto" else dict
     # the norm [N] the layer caches (and reuses until the next optimizer step) is also what its
     # backward reads: the cache, not the saving, keeps it alive
-    return Competitor(name, layer, params, [W], pre_step=pre, kept=lambda: [layer.weight_norm()])
+    return Competitor(name, layer, params, [W], pre_step=pre, kept=lambda: [layer.weight_norm()], extra=extra)
+
+
+def auto_choice(data: CaseData) -> dict:
+    """The routes "auto" took for this case, {"forward": route[, "backward": route]}, from
+    fused_dora.routes' choices: "fused (untimed)" where auto does not time (fp16 activations, for
+    one), "?" where no choice is recorded (an error, or a key that changed)."""
+    from fused_dora import routes
+
+    c, x = data.case, data.xs[0]
+
+    def took(direction: str, variant: bool) -> str:
+        # the key arguments composition passes: a training forward stores q, a backward forms dx
+        key_args = (direction, x.device, data.act, data.ad, c.M, c.N, c.K, c.r, c.p > 0, variant)
+        chosen = routes.route_choices().get(routes.route_key(*key_args))
+        if chosen is None and routes._untimed_reason(key_args, x.device):
+            return "fused (untimed)"
+        return chosen or "?"
+
+    out = {"forward": took("forward", c.training)}
+    if c.training:
+        out["backward"] = took("backward", True)
+    return out
 
 
 _COMPILED = {}

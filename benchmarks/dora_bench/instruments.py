@@ -139,9 +139,9 @@ def saved_bytes(fwd: Callable, x: torch.Tensor, exclude: set, kept: Callable[[],
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = fwd(x)
-    del y
-    for t in kept():
+    for t in kept():  # while y holds what was saved: a tensor kept() makes cannot reuse a saved one's address
         seen.pop(storage_key(t)[0], None)
+    del y
     return sum(seen.values())
 
 

@@ -44,6 +44,10 @@ def layer_metrics(case: Case, results: dict, bw: float) -> dict:
         return m
     if f and fl:
         m["ratio_floor"] = f / fl
+    for other, key in (("fused_composed", "ratio_floor_composed"), ("fused_auto", "ratio_floor_auto")):
+        t = ms_of(results, other)  # the other routes, beside the fused one the targets judge
+        if t and fl:
+            m[key] = t / fl
     pd = [t for t in (ms_of(results, "peft_dora"), ms_of(results, "peft_dora_cached")) if t]
     if f and pd:
         m["x_peft_dora"] = min(pd) / f  # the faster PEFT DoRA variant (cached, in inference)

@@ -1,6 +1,7 @@
 """Whole-model competitors: a Llama with random weights (nothing downloaded), adapted by PEFT
 LoRA, PEFT DoRA, PEFT DoRA switched to fused_dora (enable_fused_dora), or fused_dora's
-replace_linear; a registry like the layer competitors'."""
+replace_linear; a registry like the layer competitors'. Both fused ones take route="fused" (the
+kernels the targets judge); the routes are compared per layer (fused_composed, fused_auto)."""
 from __future__ import annotations
 
 import warnings
@@ -83,7 +84,7 @@ def _peft_model(name: str, model, spec: ModelSpec, dev: torch.device, integ: dic
         warnings.simplefilter("ignore")
         model = get_peft_model(model, lcfg)
         if name == "fused_peft":
-            n = integ["enable_fused_dora"](model)
+            n = integ["enable_fused_dora"](model, route="fused")
             if not n:
                 raise RuntimeError("enable_fused_dora switched no layer")
     return model
@@ -93,7 +94,8 @@ def _replaced_model(name: str, model, spec: ModelSpec, dev: torch.device, integ:
     if "replace_linear" not in integ:
         raise Unavailable(f"fused_dora.replace_linear not available ({integ.get('replace_linear_error', '?')})")
     model.requires_grad_(False)
-    n = integ["replace_linear"](model, list(spec.targets), r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout)
+    n = integ["replace_linear"](model, list(spec.targets), r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                                route="fused")
     if not n:
         raise RuntimeError("replace_linear replaced no module")
     from fused_dora import FusedDoraLinear

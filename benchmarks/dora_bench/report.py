@@ -39,6 +39,12 @@ def _fused_ms_cell(fr: dict) -> str:
     return cell(fr.get("ms")) if fr.get("status") == "ok" else fr.get("status", "-")
 
 
+def auto_cell(res: dict) -> str:
+    """The routes fused_auto took for a case, "forward / backward" (inference: the forward's), or '-'."""
+    chose = res.get("fused_auto", {}).get("auto_route")
+    return " / ".join(chose.values()) if chose else "-"
+
+
 def _verdicts(row: dict, smoke: bool) -> str:
     if not row.get("checks"):
         return ""
@@ -70,24 +76,29 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
         L.append("")
         L.append("Ratios are times. `fused/floor`: GPU time (CUDA events, L2 flushed) over F.linear's; `wall fused/floor`: "
                  "the same from back-to-back calls on the host clock (higher than `fused/floor` where the path is "
-                 "launch-bound). `xPEFT` = PEFT time / fused time (higher is better; inference: the faster of PEFT DoRA "
-                 "with and without DoraCaching). peak = extra memory of one call; saved = bytes autograd keeps for "
+                 "launch-bound). `composed/floor`, `auto/floor`: the same ratio for fused_dora's other routes, "
+                 "`route=\"composed\"` (cuBLAS for the two big GEMMs, light Triton passes around them) and "
+                 "`route=\"auto\"` (composed where it timed at least 5% faster on first use); `auto chose`: the "
+                 "routes it took, forward / backward (`fused (untimed)`: auto does not time there, e.g. fp16 "
+                 "activations). Every other figure and the targets are the fused route's. `xPEFT` = PEFT "
+                 "time / fused time (higher is better; inference: the faster of PEFT DoRA with and without "
+                 "DoraCaching). peak = extra memory of one call; saved = bytes autograd keeps for "
                  "backward (unique storages other than parameters and state the layer keeps between steps, "
                  "such as fused_dora's cached norm; the input included when saved). Byte counts (saved, dense "
                  "[N,K] temporaries) do not depend on the device: a CPU smoke run measures them too, fp16 "
                  "standing for bf16.")
         L.append("")
-        L += _header("case", "fused ms", "floor ms", "fused/floor", "wall fused/floor", "xPEFT DoRA", "xPEFT LoRA",
-                     "xeager", "fused TFLOP/s", "peak MiB fused / PEFT DoRA", "saved MiB fused / LoRA / DoRA",
-                     "rel err", "targets")
+        L += _header("case", "fused ms", "floor ms", "fused/floor", "wall fused/floor", "composed/floor", "auto/floor",
+                     "auto chose", "xPEFT DoRA", "xPEFT LoRA", "xeager", "fused TFLOP/s", "peak MiB fused / PEFT DoRA",
+                     "saved MiB fused / LoRA / DoRA", "rel err", "targets")
         for row in layer:
             res, m = row["results"], row["metrics"]
             fr = res.get("fused", {})
             fused_ms = _fused_ms_cell(fr)
             L.append(_md_row([
                 row["key"], fused_ms, cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("wall_ratio_floor")),
-                _x(m.get("x_peft_dora")),
-                _x(m.get("x_peft_lora")), _x(m.get("x_eager")), cell(m.get("tflops"), "{:.0f}"),
+                _x(m.get("ratio_floor_composed")), _x(m.get("ratio_floor_auto")), auto_cell(res),
+                _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), _x(m.get("x_eager")), cell(m.get("tflops"), "{:.0f}"),
                 f"{cell(fr.get('peak_mib'), '{:.0f}')} / {cell(res.get('peft_dora', {}).get('peak_mib'), '{:.0f}')}",
                 f"{cell(fr.get('saved_mib'), '{:.3g}')} / {cell(res.get('peft_lora', {}).get('saved_mib'), '{:.3g}')} / "
                 f"{cell(res.get('peft_dora', {}).get('saved_mib'), '{:.3g}')}",
@@ -175,8 +186,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
 
 def summary_table(rows: List[dict], smoke: bool) -> str:
     """The compact stdout table: one line per case."""
-    L = _header("case", "fused ms", "floor ms", "fused/floor", "xPEFT DoRA", "xPEFT LoRA", "xeager", "peak fused/DoRA",
-                "targets")
+    L = _header("case", "fused ms", "floor ms", "fused/floor", "composed/floor", "auto/floor (chose)", "xPEFT DoRA",
+                "xPEFT LoRA", "xeager", "peak fused/DoRA", "targets")
     for row in rows:
         res, m = row["results"], row["metrics"]
         mode = row["case"]["mode"]
@@ -185,7 +196,7 @@ def summary_table(rows: List[dict], smoke: bool) -> str:
             fr = res.get(fv, {})
             L.append(_md_row([
                 row["key"] + f" [{fv}]", cell(fr.get("ms"), "{:.1f}") if fr.get("ms") else fr.get("status", "-"),
-                "-", "-", _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), "-",
+                "-", "-", "-", "-", _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), "-",
                 _x(m.get("peak_vs_peft_dora")), _verdicts(row, smoke)]))
             continue
         fr = res.get("fused", {})
@@ -194,7 +205,9 @@ def summary_table(rows: List[dict], smoke: bool) -> str:
             pk = fr["peak_mib"] / res["peft_dora"]["peak_mib"]
         L.append(_md_row([
             row["key"], _fused_ms_cell(fr),
-            cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")),
+            cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("ratio_floor_composed")),
+            _x(m.get("ratio_floor_auto")) + (f" ({auto_cell(res)})" if auto_cell(res) != "-" else ""),
+            _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")),
             _x(m.get("x_eager")), _x(pk), _verdicts(row, smoke)]))
     return "\n".join(L)
 

@@ -70,6 +70,7 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
                 with torch.no_grad():
                     res["err"] = rel_err(comp.fwd(data.xs[0].detach()), y_ref)
             reset()
+        res.update(comp.extra())
         return res
 
     names = [n for n in MODE_COMPETITORS[case.mode] if n in args.competitor_set or n in ("floor", "linear_fwd")]

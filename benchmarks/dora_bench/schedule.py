@@ -9,7 +9,7 @@ import torch
 
 from .cases import Case, ModelSpec
 from .instruments import Timer
-from .report import cell
+from .report import auto_cell, cell
 from .runners import run_layer_case, run_model_case
 
 
@@ -41,7 +41,11 @@ def run_plan(cases: List[Case], specs: List[ModelSpec], args, dev: torch.device,
             fr = res.get("fused", {})
             head = f"[{total_offset + i + 1:>3}/{len(cases)} {time.time() - t_start:6.0f}s] {case.key}:"
             if fr.get("status") == "ok":
-                log(f"{head} fused {fr['ms']:.4g} ms  x{cell(m.get('ratio_floor'), '{:.2f}')} floor  "
+                routes = "".join(f"  {name} x{cell(m.get(key), '{:.2f}')}" for name, key in (
+                    ("composed", "ratio_floor_composed"), ("auto", "ratio_floor_auto")) if key in m)
+                if routes and auto_cell(res) != "-":
+                    routes += f" ({auto_cell(res)})"
+                log(f"{head} fused {fr['ms']:.4g} ms  x{cell(m.get('ratio_floor'), '{:.2f}')} floor{routes}  "
                     f"{cell(m.get('x_peft_dora'), '{:.2f}')}x PEFT DoRA  {cell(m.get('x_peft_lora'), '{:.2f}')}x PEFT LoRA"
                     f"  ({time.time() - t0:.1f}s)")
             else:

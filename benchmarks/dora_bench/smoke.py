@@ -1,5 +1,6 @@
-"""CPU smoke parity: the fused Triton path (under the interpreter) against a float64 reference,
-forward and every gradient, with and without dropout; PEFT DoRA beside it for comparison."""
+"""CPU smoke parity: the Triton path (under the interpreter), on both of its routes (fused and
+composed), against a float64 reference, forward and every gradient, with and without dropout;
+PEFT DoRA beside it for comparison."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,11 @@ from .cases import DROPOUT, Case, torch_dtype
 from .competitors import Unavailable, build_peft_layer, linear_sharing, set_param
 from .inputs import CaseData
 from .instruments import rel_err
+
+
+# the routes of the Triton path checked (fused_dora.routes), with their label in the table
+PARITY_ROUTES = {"fused": "fused route (Triton GEMMs, interpreter)",
+                 "composed": "composed route (torch.mm + Triton passes, interpreter)"}
 
 
 def smoke_parity(dev: torch.device, log) -> bool:
@@ -39,22 +45,10 @@ def smoke_parity(dev: torch.device, log) -> bool:
                 1 + 0.1 * torch.randn(N, generator=g, dtype=torch.float64))
             x0 = torch.randn(M, K, generator=g).to(dev, act)
             gy = torch.randn(M, N, generator=g).to(dev, act)
-            layer = FusedDoraLinear.from_linear(linear_sharing(W), r=r, lora_alpha=s * r, lora_dropout=p,
-                                                adapter_dtype=torch.float32)
-            layer.backend = "triton"
-            for prm, val in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, mag)):
-                set_param(prm, val, torch.float32)
-            layer.clear_norm_cache()
-            layer.train()
-            x = x0.clone().requires_grad_(True)
-            mask = None
-            if p > 0:  # the seed the op will draw, to rebuild its mask for the reference
+            mask = state = None
+            if p > 0:  # the seed each route's op will draw (the generator is rewound before each call)
                 state = torch.get_rng_state()
                 seed = draw_dropout_seed()
-                torch.set_rng_state(state)
-            y = layer(x)
-            y.backward(gy)
-            if p > 0:
                 try:
                     from fused_dora.kernels import dropout_mask
 
@@ -66,12 +60,25 @@ def smoke_parity(dev: torch.device, log) -> bool:
             A64, B64, m64 = (t.double().clone().requires_grad_(True) for t in (A, B, mag))
             y64 = reference.dora_linear(x64, W.double(), None, A64, B64, m64, s, p, training=p > 0, dropout_mask=mask)
             y64.backward(gy.double())
-            errs = [rel_err(y, y64), rel_err(x.grad, x64.grad), rel_err(layer.lora_A.grad, A64.grad),
-                    rel_err(layer.lora_B.grad, B64.grad), rel_err(layer.magnitude.grad, m64.grad)]
-            good = all(e <= tol for e in errs)
-            ok &= good
-            log(f"  | {act_name} | {p} | fused (Triton, interpreter) | " + " | ".join(f"{e:.1e}" for e in errs)
-                + f" | {tol:g} | {'ok' if good else 'FAIL'} |")
+            for route, path in PARITY_ROUTES.items():
+                layer = FusedDoraLinear.from_linear(linear_sharing(W), r=r, lora_alpha=s * r, lora_dropout=p,
+                                                    adapter_dtype=torch.float32, route=route)
+                layer.backend = "triton"
+                for prm, val in ((layer.lora_A, A), (layer.lora_B, B), (layer.magnitude, mag)):
+                    set_param(prm, val, torch.float32)
+                layer.clear_norm_cache()
+                layer.train()
+                x = x0.clone().requires_grad_(True)
+                if state is not None:
+                    torch.set_rng_state(state)
+                y = layer(x)
+                y.backward(gy)
+                errs = [rel_err(y, y64), rel_err(x.grad, x64.grad), rel_err(layer.lora_A.grad, A64.grad),
+                        rel_err(layer.lora_B.grad, B64.grad), rel_err(layer.magnitude.grad, m64.grad)]
+                good = all(e <= tol for e in errs)
+                ok &= good
+                log(f"  | {act_name} | {p} | {path} | " + " | ".join(f"{e:.1e}" for e in errs)
+                    + f" | {tol:g} | {'ok' if good else 'FAIL'} |")
             if p == 0:  # PEFT DoRA computes the same function without dropout
                 try:
                     data = CaseData(Case("train0", "tiny", M, r), dev, act, torch.float32, W, A.float(), B.float(),
