@@ -120,8 +120,8 @@ def route_key(direction: str, device: torch.device, x_dtype, adapter_dtype, M: i
             f"M{_bucket(M)} N{N} K{K} r{R} {'dropout' if dropout else 'no-dropout'} {kind}")
 
 
-def _untimed_reason(key_args: tuple, device: torch.device) -> Optional[str]:
-    """Why "auto" takes "fused" without timing, or None."""
+def untimed_reason(key_args: tuple, device: torch.device) -> Optional[str]:
+    """Why "auto" takes "fused" for route_key(*key_args) without timing (and without caching), or None."""
     if key_args[2] == torch.float16:
         return "fp16 activations (the composed route would round x @ W.T to fp16 before the scale)"
     if torch.are_deterministic_algorithms_enabled():
@@ -140,7 +140,7 @@ def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[],
     route on the real inputs, writing to scratch outputs), then cached and logged."""
     if route != "auto":
         return route
-    why = _untimed_reason(key_args, device)
+    why = untimed_reason(key_args, device)
     if why is not None:  # not cached: the reason may not hold for the next call
         return "fused"
     key = route_key(*key_args)
