@@ -7,12 +7,14 @@
 
 Every autotuned kernel x every GPU config x the dtype combinations the API accepts (activations
 fp16 / bf16 / fp32; adapters fp32 or the activation dtype) x r in {16, 384} x dropout on / off
-where the kernel has that switch (the forward GEMM: training, which also stores q, and
-inference). fused_dora's own composition of the launchers runs on meta tensors with each
-kernel's launch captured instead of executed, so the arguments (block sizes, precisions,
-upcasts, specialisations) are the ones a GPU run would pass; each config is then compiled
-through ``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache
-keeps the results (a re-run is quick); compiles run in a process pool (``--jobs``).
+where the kernel has that switch (the forward epilogues: training, which also stores q, and
+inference; lora_up_grad: e = dy * c also stored, for the composed route's torch.mm, or not).
+fused_dora's own composition of the launchers runs on meta tensors, on both routes (fused: the
+Triton GEMMs; composed: torch.mm with the passes of kernels/composed.py), with each kernel's
+launch captured instead of executed, so the arguments (block sizes, precisions, upcasts,
+specialisations) are the ones a GPU run would pass; each config is then compiled through
+``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache keeps
+the results (a re-run is quick); compiles run in a process pool (``--jobs``).
 
 Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what _launch.autotune
 prunes by) against the compiled ``metadata.shared``; whether the autotuner can pick the config on
@@ -122,11 +124,11 @@ def _record(calls, name, *args, grid, warmup, **kwargs):
 
 
 def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
-    """[(kernel name, args, kwargs)] of every autotuned launch of one training step.
+    """[(kernel name, args, kwargs)] of every autotuned launch of one training step, on both routes.
 
-    fused_dora's own composition of the launchers (the norm, the fused forward, the fused
-    backward with every gradient) runs on meta tensors; each kernel's launch is recorded instead
-    of run.
+    fused_dora's own composition of the launchers (the norm, the forward, the backward with every
+    gradient; route "fused", then route "composed", whose torch.mm works on meta tensors too) runs
+    on meta tensors; each kernel's launch is recorded instead of run.
     """
     M, Kd, N = SHAPE["M"], SHAPE["K"], SHAPE["N"]
     p, seed, s, meta = (0.1 if dropout else 0.0), 1234, 2.0, "meta"
@@ -142,11 +144,13 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
         norm = composition.row_norm(w, a, b, s)
-        if not dropout:  # inference: no q stored
-            composition.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False)
-        _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True)
         scale = torch.empty(N, dtype=torch.float32, device=meta)
-        composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True, True)
+        for route in ("fused", "composed"):
+            if not dropout:  # inference: no q stored
+                composition.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
+            _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True, route=route)
+            composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True,
+                                       True, route=route)
     finally:
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run

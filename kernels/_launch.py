@@ -119,19 +119,20 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 def spill_case(args, case_dtypes) -> str:
     """The case key of _spills.SPILLS for a kernel's arguments, e.g. "bf16/fp32 R64 dropout tf32x3":
     activation / adapter dtypes, BLOCK_R (32 counts as 64: the report measures 16 and 64), the
-    dropout or q switch, and PRECISION."""
+    switch (`case_variant`), and PRECISION."""
     x, adapters = (_DTYPE_NAMES.get(args[n].dtype, str(args[n].dtype)) if n else "-" for n in case_dtypes)
     block_r = 16 if args.get("BLOCK_R", 16) <= 16 else 64
     return f"{x}/{adapters} R{block_r} {case_variant(args)} {args.get('PRECISION', '-')}"
 
 
 def case_variant(args) -> str:
-    """The switch a case is about: dropout on / off, or the forward's training (q stored) / inference."""
+    """The switch a case is about: dropout on / off, the forward epilogue's training (q stored) /
+    inference, or lora_up_grad's e = dy * c stored (the composed route) / not ("-")."""
     if "HAS_DROPOUT" in args:
         return "dropout" if args["HAS_DROPOUT"] else "no-dropout"
     if "STORE_Q" in args:
         return "training" if args["STORE_Q"] else "inference"
-    return "-"
+    return "store-e" if args.get("STORE_E") else "-"
 
 
 def config_name(cfg: triton.Config) -> str:

@@ -5,6 +5,30 @@ compiled for each GPU architecture with the bundled ptxas); do not edit by hand.
 kernel -> compute capability -> case (_launch.spill_case) -> [config names (_launch.config_name)]
 """
 SPILLS = {
+    '_add_lora_input_grad_kernel': {
+        80: {
+        },
+        90: {
+        },
+        100: {
+            'fp32/fp32 R16 dropout ieee': ['32x128 w4 s2'],
+        },
+    },
+    '_dora_compose_epilogue_kernel': {
+        80: {
+        },
+        90: {
+            'fp32/fp32 R16 inference ieee': ['64x64 w4 s2'],
+            'fp32/fp32 R16 training ieee': ['64x128 w8 s2'],
+            'fp32/fp32 R64 inference ieee': ['16x256 w8 s2', '32x128 w4 s2', '64x128 w8 s2'],
+            'fp32/fp32 R64 training ieee': ['16x256 w8 s2', '32x128 w4 s2', '64x128 w8 s2'],
+        },
+        100: {
+            'fp32/fp32 R16 training ieee': ['128x64 w8 s2'],
+            'fp32/fp32 R64 inference ieee': ['16x256 w8 s2', '16x64 w4 s1', '32x128 w4 s2', '64x128 w8 s2'],
+            'fp32/fp32 R64 training ieee': ['16x256 w8 s2', '32x128 w4 s2', '64x128 w8 s2'],
+        },
+    },
     '_dora_forward_kernel': {
         80: {
             'bf16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
@@ -177,26 +201,46 @@ SPILLS = {
     '_lora_up_grad_kernel': {
         80: {
             'bf16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
+            'bf16/fp32 R16 store-e tf32x3': ['16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '128x64 w8 s3'],
+            'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '64x64 w8 s4'],
             'fp16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
+            'fp16/fp32 R16 store-e tf32x3': ['16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '128x64 w8 s3'],
+            'fp16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '64x64 w8 s4'],
             'fp32/fp32 R16 - ieee': ['128x64 w4 s3'],
+            'fp32/fp32 R16 store-e ieee': ['128x64 w4 s3'],
             'fp32/fp32 R64 - ieee': ['128x64 w4 s3', '128x64 w8 s3', '64x64 w8 s4'],
+            'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '128x64 w8 s3', '32x64 w4 s4', '64x64 w8 s4'],
         },
         90: {
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
+            'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
+            'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
+            'fp16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
+            'fp16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
+            'fp32/fp32 R16 store-e ieee': ['128x64 w4 s3'],
             'fp32/fp32 R64 - ieee': ['128x64 w4 s3', '64x128 w4 s3'],
+            'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '64x128 w4 s3'],
         },
         100: {
+            'bf16/bf16 R64 store-e tf32': ['128x64 w8 s3', '64x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
+            'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4'],
+            'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp16 R16 - tf32': ['128x128 w8 s3'],
+            'fp16/fp16 R16 store-e tf32': ['128x64 w8 s3'],
             'fp16/fp16 R64 - tf32': ['128x64 w4 s3'],
             'fp16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
+            'fp16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4'],
+            'fp16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
+            'fp32/fp32 R16 store-e ieee': ['128x64 w4 s3'],
+            'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '64x128 w4 s3'],
         },
     },
     '_magnitude_and_B_grad_kernel': {
@@ -212,7 +256,6 @@ SPILLS = {
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x256 w8 s3', '64x128 w4 s3'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x256 w8 s3', '64x128 w4 s3'],
-            'fp32/fp32 R16 - ieee': ['64x128 w4 s3'],
         },
         100: {
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3'],
@@ -220,7 +263,6 @@ SPILLS = {
             'fp16/fp16 R16 - tf32': ['32x64 w4 s4'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
-            'fp32/fp32 R16 - ieee': ['64x128 w4 s3'],
         },
     },
     '_row_sumsq_kernel': {

@@ -19,8 +19,9 @@ from .dropout import dropout_keep
 _ROWPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(64, 128, 4, 3), (128, 64, 4, 3), (32, 128, 4, 4), (16, 256, 4, 3), (128, 128, 8, 3),
-                         # smaller per-thread tiles, for cases where the ones above spill registers
-                         (128, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4)]
+                         # smaller per-thread tiles, for cases where the ones above spill registers (the
+                         # last: fp32 at r = 384 with e stored on sm_80, where the others spill or do not fit)
+                         (128, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4), (32, 64, 8, 4)]
 ]
 _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 

@@ -22,11 +22,14 @@ from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
 from .dropout import dropout_keep
 from .forward import dora_epilogue
 
-# Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages.
+# Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages. 8 warps
+# for 8K-element tiles and none larger (benchmarks/compile_report.py): with 4 warps, 64 x 128
+# spilled registers for fp32 (FMA dots) on every GPU and 16 x 256 with fp32 adapters at r = 384;
+# 128 x 128 spilled on sm_100 wherever q is stored, 16 x 128 with fp32 at r = 384.
 _TILE_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
-    for bm, bc, w, s in [(64, 128, 4, 2), (128, 128, 8, 2), (128, 64, 4, 2), (32, 128, 4, 2), (16, 256, 4, 2),
-                         (64, 64, 4, 2), (16, 128, 4, 1)]
+    for bm, bc, w, s in [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 4, 2), (16, 256, 8, 2),
+                         (16, 64, 4, 1)]
 ]
 _TILE_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_C": 32})
 

@@ -1,12 +1,13 @@
 """Every kernel compiled for real GPUs (sm_90: H100/H200, sm_80: A100) on this machine, GPU or
 not: benchmarks/compile_report.py's CI subset (bf16 activations with fp32 and bf16 adapters,
-r = 16 and 384, dropout on, every config of every kernel).
+r = 16 and 384, dropout on, every config of every kernel of both routes, lora_up_grad with and
+without e stored).
 
 It runs in a subprocess without TRITON_INTERPRET (this session's kernels run in the interpreter;
 compiling needs Triton's JIT) and needs only the ptxas and cuobjdump bundled with Triton. Fails
 on a compile error, a spill in a config the autotuner can pick on that GPU, a shared-memory
 estimate below the compiled figure, and a large GEMM tile (BLOCK_M >= 64) without wgmma on sm_90.
-A cold run compiles 2 x 138 kernel configs, ~2.5 min on 2 cores; Triton's cache makes re-runs quick.
+A cold run compiles 2 x 182 kernel configs, ~2 min on 2 cores; Triton's cache makes re-runs quick.
 """
 import json
 import os
@@ -15,6 +16,8 @@ import subprocess
 import sys
 
 import pytest
+
+from fused_dora.backend import load_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ("sm_90", "sm_80")
@@ -39,6 +42,13 @@ def _where(row):
 
 def _failing(report, target, word):
     return [f"{_where(r)}: {p}" for r in report[target] for p in r["problems"] if word in p]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_kernel_is_compiled(report, target):
+    """Launches are captured on both routes: the composed route's passes and lora_up_grad storing e too."""
+    assert {r["kernel"] for r in report[target]} == set(load_kernels()._launch.TUNED_KERNELS)
+    assert {r["variant"] for r in report[target] if r["kernel"] == "_lora_up_grad_kernel"} == {"-", "store-e"}
 
 
 @pytest.mark.parametrize("target", TARGETS)
