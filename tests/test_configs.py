@@ -23,7 +23,7 @@ def _args(kernel, dtype, upcast, block_r, dropout=False):
 @pytest.mark.parametrize("dropout", [False, True])
 def test_every_kernel_keeps_configs_that_fit(name, dtype, upcast, dropout):
     tuned = TUNED_KERNELS[name]
-    kernel, configs, smem_bytes, _ = tuned
+    kernel, configs, smem_bytes = tuned.kernel, tuned.configs, tuned.smem_bytes
     args = _args(kernel, dtype, upcast, block_r=64, dropout=dropout)
     needs = [smem_bytes({**args, **c.all_kwargs()}) for c in configs]
     assert all(n > 0 for n in needs)
