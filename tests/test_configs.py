@@ -36,13 +36,15 @@ def test_every_kernel_keeps_configs_that_fit(name, dtype, upcast, dropout):
 def test_default_gemm_config_fits_bf16():
     """FUSED_DORA_AUTOTUNE=0 takes the first fitting config: for bf16 that is the list's first."""
     for name in ("_dora_forward_kernel", "_dora_input_grad_kernel"):
-        kernel, configs, smem_bytes, _ = TUNED_KERNELS[name]
+        t = TUNED_KERNELS[name]
+        kernel, configs, smem_bytes = t.kernel, t.configs, t.smem_bytes
         first = fitting_configs(configs, _args(kernel, torch.bfloat16, False, 64), smem_bytes, H100_BUDGET,
                                 keep_all=False)
         assert first == configs[:1]
 
 
 def test_fitting_configs_never_empty():
-    kernel, configs, smem_bytes, _ = TUNED_KERNELS["_dora_forward_kernel"]
+    t = TUNED_KERNELS["_dora_forward_kernel"]
+    kernel, configs, smem_bytes = t.kernel, t.configs, t.smem_bytes
     tiny = fitting_configs(configs, _args(kernel, torch.float32, False, 16), smem_bytes, budget=1)
     assert len(tiny) == 1
