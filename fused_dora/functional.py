@@ -16,7 +16,7 @@ from . import reference
 from .autograd import FusedDoraFunction, dora_linear_2d, row_norm_op
 from .backend import resolve_backend
 from .composition import draw_dropout_seed, fused_forward, narrow_column_offsets, row_norm
-from .routes import check_route
+from .routes import check_route, default_route
 from .validation import check_inputs, check_weight_norm_args
 
 
@@ -95,7 +95,8 @@ def dora_linear(
     use = resolve_backend(backend, x, weight, bias, lora_A, lora_B, magnitude, weight=weight)
     if use == "reference":
         return reference.dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training=p > 0, norm=norm)
-    route = check_route(route)
+    if route is None:
+        route = default_route()
     K, N = weight.shape[1], weight.shape[0]
     x2d = narrow_column_offsets(x.reshape(-1, K))
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around

@@ -42,6 +42,7 @@ RouteTimer = Callable[[Dict[str, Callable[[], object]], torch.device], Optional[
 
 _choices: Dict[str, str] = {}  # key -> route, this process's (and the disk cache's) choices
 _disk_loaded: Optional[str] = None  # the cache file read into _choices
+_keys: Dict[tuple, str] = {}  # (key_args with M bucketed, TF32 switch) -> route_key(*key_args): per-call cost
 _lock = threading.Lock()
 _timer: Optional[RouteTimer] = None
 
@@ -120,17 +121,29 @@ def route_key(direction: str, device: torch.device, x_dtype, adapter_dtype, M: i
             f"M{_bucket(M)} N{N} K{K} r{R} {'dropout' if dropout else 'no-dropout'} {kind}")
 
 
-def untimed_reason(key_args: tuple, device: torch.device) -> Optional[str]:
+def untimed_reason(key_args: tuple) -> Optional[str]:
     """Why "auto" takes "fused" for route_key(*key_args) without timing (and without caching), or None."""
     if key_args[2] == torch.float16:
         return "fp16 activations (the composed route would round x @ W.T to fp16 before the scale)"
     if torch.are_deterministic_algorithms_enabled():
         return "torch.use_deterministic_algorithms is on"
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            if torch.cuda.is_current_stream_capturing():
-                return "inside a CUDA graph capture"
     return None
+
+
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def _key(key_args: tuple) -> str:
+    """route_key(*key_args), formatted once per case rather than on every call."""
+    memo = key_args[:4] + (_bucket(key_args[4]),) + key_args[5:] + (torch.backends.cuda.matmul.allow_tf32,)
+    key = _keys.get(memo)
+    if key is None:
+        key = _keys[memo] = route_key(*key_args)
+    return key
 
 
 def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[], object]],
@@ -140,14 +153,17 @@ def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[],
     route on the real inputs, writing to scratch outputs), then cached and logged."""
     if route != "auto":
         return route
-    why = untimed_reason(key_args, device)
-    if why is not None:  # not cached: the reason may not hold for the next call
+    if untimed_reason(key_args) is not None:  # not cached: the reason may not hold for the next call
         return "fused"
-    key = route_key(*key_args)
-    _load_disk_cache()
+    key = _key(key_args)
     chosen = _choices.get(key)
+    if chosen is None:
+        _load_disk_cache()
+        chosen = _choices.get(key)
     if chosen is not None:
         return chosen
+    if _capturing(device):  # no timing inside a CUDA graph capture; a later eager call decides
+        return "fused"
     failed: Dict[str, BaseException] = {}
 
     def guarded(name: str, run: Callable[[], object]) -> Callable[[], object]:
@@ -228,16 +244,16 @@ def _load_disk_cache() -> None:
     with _lock:
         if path == _disk_loaded:
             return
-        _disk_loaded = path
         try:
             with open(path) as f:
                 saved = json.load(f)
         except (OSError, ValueError):
-            return
+            saved = None
         if isinstance(saved, dict) and saved.get("versions") == _versions():
             for key, route in saved.get("choices", {}).items():
                 if route in ROUTES:
                     _choices.setdefault(key, route)
+        _disk_loaded = path
 
 
 def _save_disk_cache(key: str, route: str) -> None:

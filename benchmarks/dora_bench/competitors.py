@@ -271,7 +271,7 @@ def auto_choice(data: CaseData) -> dict:
         # the key arguments composition passes: a training forward stores q, a backward forms dx
         key_args = (direction, x.device, data.act, data.ad, c.M, c.N, c.K, c.r, c.p > 0, variant)
         chosen = routes.route_choices().get(routes.route_key(*key_args))
-        if chosen is None and routes.untimed_reason(key_args, x.device):
+        if chosen is None and routes.untimed_reason(key_args):
             return "fused (untimed)"
         return chosen or "?"
 
