@@ -95,10 +95,9 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
             return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
         return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
 
-    candidates = {r: (lambda r=r: run(r, torch.empty((M, N), dtype=x.dtype, device=x.device)))
-                  for r in ("fused", "composed")}
     route = choose_route(route, ("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0,
-                                 store_q), candidates, x.device)
+                                 store_q), lambda r: run(r, torch.empty((M, N), dtype=x.dtype, device=x.device)),
+                         x.device)
     return y, su, run(route, y.view(M, N))
 
 
@@ -136,7 +135,7 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_
 
         route = choose_route(route, ("backward", dy.device, dy.dtype, lora_A.dtype, M, N, weight.shape[1],
                                      lora_A.shape[0], dropout_p > 0, True),
-                             {r: (lambda r=r: run(r)) for r in ("fused", "composed")}, dy.device)
+                             run, dy.device)
         v, dx = run(route)
     elif need_da:
         v = k.lora_up_grad(dy, scale, lora_B)  # v = (dy * c) @ B

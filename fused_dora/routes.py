@@ -146,11 +146,11 @@ def _key(key_args: tuple) -> str:
     return key
 
 
-def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[], object]],
-                 device: torch.device) -> str:
+def choose_route(route: str, key_args: tuple, run_route: Callable[[str], object], device: torch.device) -> str:
     """``route`` itself if it is "fused" or "composed"; for "auto", the cached choice for
-    ``route_key(*key_args)``, else the faster candidate by the timer (each candidate runs the
-    route on the real inputs, writing to scratch outputs), then cached and logged."""
+    ``route_key(*key_args)``, else the faster of ROUTES by the timer, then cached and logged.
+    ``run_route(name)`` runs that route on the real inputs, writing to scratch outputs; it is
+    called only while timing."""
     if route != "auto":
         return route
     if untimed_reason(key_args) is not None:  # not cached: the reason may not hold for the next call
@@ -166,18 +166,18 @@ def choose_route(route: str, key_args: tuple, candidates: Dict[str, Callable[[],
         return "fused"
     failed: Dict[str, BaseException] = {}
 
-    def guarded(name: str, run: Callable[[], object]) -> Callable[[], object]:
+    def guarded(name: str) -> Callable[[], object]:
         def call() -> object:
             if name in failed:
                 return None
             try:
-                return run()
+                return run_route(name)
             except Exception as err:  # out of memory, a cuBLAS or compile error: not this route
                 failed[name] = err
                 return None
         return call
 
-    times = (_timer or cuda_event_timer)({n: guarded(n, r) for n, r in candidates.items()}, device)
+    times = (_timer or cuda_event_timer)({name: guarded(name) for name in ROUTES}, device)
     if "fused" in failed:  # the route that runs anyway: let its error surface there
         times = None
     for name, err in failed.items():
