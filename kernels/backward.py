@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile
+from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile, rank_steps
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
 
@@ -156,15 +156,8 @@ def _dora_input_grad_kernel(
     if HAS_DROPOUT:
         keep = dropout_keep(seed, row0 + rows, col0, p, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    # not software-pipelined (num_stages=1): a few steps only, and pipelining them would hold
-    # extra fp32 tiles in shared memory
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = tl.load(lora_a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(v.to(dtype), a.to(dtype), acc, input_precision=PRECISION)
+    acc = rank_steps(acc, v_ptr, lora_a_ptr, rows, cols, row_ok, col_ok, R, stride_ar, stride_ak, dtype,
+                     BLOCK_R, PRECISION)  # v @ A
     if HAS_DROPOUT:  # the forward's mask, the same 1/(1-p)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     acc *= scaling

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._gemm import rank_steps
 from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
 from .dropout import dropout_keep
 from .forward import dora_epilogue
@@ -69,7 +70,7 @@ def _dora_compose_epilogue_kernel(
     dtype = out_ptr.dtype.element_ty
 
     acc = tl.load(out_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)  # x @ W.T, from cuBLAS
-    # su @ B.T in the activation dtype, as the fused GEMM's LoRA steps
+    # su @ B.T in the activation dtype, as the fused GEMM's LoRA steps (why not _gemm.rank_steps: there)
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
@@ -127,13 +128,8 @@ def _add_lora_input_grad_kernel(
     dtype = out_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # v @ A in the activation dtype, as the fused GEMM
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        rank_ok = ranks < R
-        v = tl.load(v_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = tl.load(lora_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(v.to(dtype), a.to(dtype), acc, input_precision=PRECISION)
+    acc = rank_steps(acc, v_ptr, lora_ptr, rows, cols, row_ok, col_ok, R, stride_ar, stride_ak, dtype,
+                     BLOCK_R, PRECISION)  # v @ A, as the fused GEMM
     if HAS_DROPOUT:  # the forward's mask, the same 1/(1-p)
         keep = dropout_keep(seed, row0 + rows, col0, p, BLOCK_C)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
