@@ -16,6 +16,15 @@ GEMM_TILES = [
 INTERPRETER_TILE = (32, 32, 32)
 
 
+def gemm_smem_bytes(a, operand_ptr, out_cols: str, reduction: str) -> int:
+    """Shared bytes of a GEMM config (``a``: its arguments and config): the two operand tiles of each
+    main-loop stage, in ``operand_ptr``'s dtype; the LoRA steps' tiles and the epilogue's layout
+    change reuse that memory unless they need more. ``out_cols``/``reduction``: as gemm_configs."""
+    xs = a[operand_ptr].element_size()
+    main = a["num_stages"] * (a["BLOCK_M"] + a[out_cols]) * a[reduction] * xs
+    return max(main, (a["BLOCK_M"] + a[out_cols]) * a["BLOCK_R"] * xs, a["BLOCK_M"] * a[out_cols] * xs)
+
+
 def gemm_configs(tiles, out_cols: str, reduction: str):
     """triton.Configs for ``tiles``, naming the output-column and reduction block sizes.
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile, rank_steps
+from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile, rank_steps
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
 
@@ -108,11 +108,8 @@ _INPUT_GRAD_INTERPRETER_CONFIG = gemm_interpreter_config(out_cols="BLOCK_K", red
 
 
 def _input_grad_smem_bytes(a) -> int:
-    """The dy and W tiles of each main-loop stage; the LoRA steps' tiles and the epilogue's
-    layout change reuse that memory unless they need more."""
-    xs = a["dy_ptr"].element_size()
-    main = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_N"] * xs
-    return max(main, (a["BLOCK_M"] + a["BLOCK_K"]) * a["BLOCK_R"] * xs, a["BLOCK_M"] * a["BLOCK_K"] * xs)
+    """The dy and W tiles of each main-loop stage (see gemm_smem_bytes)."""
+    return gemm_smem_bytes(a, "dy_ptr", out_cols="BLOCK_K", reduction="BLOCK_N")
 
 
 # With the norm n constant, y = c * ypre + bias, ypre = x @ W.T + s * dropout(x) @ A.T @ B.T, so

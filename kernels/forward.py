@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, grouped_tile
+from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
 
@@ -102,11 +102,8 @@ _GEMM_INTERPRETER_CONFIG = gemm_interpreter_config(out_cols="BLOCK_N", reduction
 
 
 def _forward_smem_bytes(a) -> int:
-    """The x and W tiles of each main-loop stage; the LoRA steps' tiles and the epilogue's
-    layout change reuse that memory unless they need more."""
-    xs = a["x_ptr"].element_size()
-    main = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_K"] * xs
-    return max(main, (a["BLOCK_M"] + a["BLOCK_N"]) * a["BLOCK_R"] * xs, a["BLOCK_M"] * a["BLOCK_N"] * xs)
+    """The x and W tiles of each main-loop stage (see gemm_smem_bytes)."""
+    return gemm_smem_bytes(a, "x_ptr", out_cols="BLOCK_N", reduction="BLOCK_K")
 
 
 @autotune(_GEMM_GPU_CONFIGS, _GEMM_INTERPRETER_CONFIG, key=["m_bucket", "N", "K", "R", "STORE_Q", "PRECISION"],
