@@ -100,7 +100,10 @@ def dora_linear(
     K, N = weight.shape[1], weight.shape[0]
     x2d = narrow_column_offsets(x.reshape(-1, K))
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around
-        norm = row_norm_op(weight, lora_A, lora_B, scaling) if norm is None else norm.detach()
+        if norm is None:
+            with torch.no_grad():  # the norm is a constant: no gradient flows through it
+                norm = row_norm_op(weight, lora_A, lora_B, scaling)
+        norm = norm.detach()
         y = dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, route)
         return y.reshape(*x.shape[:-1], N)
     if norm is None:  # inputs already checked: straight to the kernel

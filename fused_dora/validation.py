@@ -33,6 +33,13 @@ def check_scaling(scaling) -> float:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces float attributes (FusedDoraLinear.scaling, PEFT's
+        # layer.scaling) as symbols: math.isfinite or float() would break the graph or specialize
+        # the symbol. Dynamo never makes nan / inf symbolic, so a non-finite value is a constant
+        # here and fails this check at trace time.
+        torch._check_value(scaling * 0 == 0, lambda: "scaling must be finite")
+        return scaling
     scaling = float(scaling)
     if not math.isfinite(scaling):
         raise ValueError(f"scaling must be finite, got {scaling}")

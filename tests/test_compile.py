@@ -2,6 +2,7 @@
 fullgraph=True (no graph breaks), and opcheck validates the registrations."""
 import pytest
 import torch
+import torch._dynamo.testing
 
 import fused_dora
 from fused_dora import FusedDoraLinear, autograd
@@ -83,3 +84,44 @@ def test_compiled_dropout_runs_and_backward_reuses_its_mask():
     torch.manual_seed(3)
     layer(x).sum().backward()
     assert rel_err(g_compiled, x.grad) < 1e-5
+
+
+@pytest.mark.parametrize("call", ["module", "function"])
+def test_dynamic_shapes_fullgraph(call):
+    """Variable sequence lengths: torch.compile(dynamic=True, fullgraph=True) traces the scaling as
+    a symbolic float (its checks must not break the graph) and compiles once for every M."""
+    torch._dynamo.reset()
+    layer = _model()[0]
+    if call == "module":
+        fn = layer
+    else:
+        def fn(x):
+            return fused_dora.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                                          layer.scaling, training=True)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    for m in (5, 7, 19, 33):
+        x = torch.randn(2, m, 24, device=DEVICE, requires_grad=True)
+        y = compiled(x)
+        y.square().sum().backward()
+        grads = (x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
+        x_eager = x.detach().clone().requires_grad_()
+        layer.zero_grad()
+        y_eager = fn(x_eager)
+        y_eager.square().sum().backward()
+        assert rel_err(y, y_eager) < 1e-5
+        eager = (x_eager.grad, layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad)
+        for g, e in zip(grads, eager):
+            assert rel_err(g, e) < 1e-5
+        layer.zero_grad()
+        if m == 5:
+            frames = counter.frame_count
+    assert counter.frame_count == frames  # no recompilation for new sequence lengths
+
+
+def test_compiled_non_finite_scaling_is_refused():
+    torch._dynamo.reset()
+    layer = _model()[0]
+    layer.scaling = float("inf")
+    with pytest.raises(Exception, match="scaling must be finite"):
+        torch.compile(layer, backend="aot_eager", dynamic=True)(torch.randn(3, 24, device=DEVICE))
