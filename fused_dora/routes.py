@@ -21,6 +21,7 @@ and the backward of one call may take different routes. Default: the FUSED_DORA_
 environment variable, else "auto". Each choice "auto" makes is logged once on the
 "fused_dora.routes" logger (INFO) with both timings.
 """
+import contextlib
 import json
 import logging
 import os
@@ -236,46 +237,59 @@ def _versions() -> str:
     return f"fused_dora {ours}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}"
 
 
+def _read_cache_file(path: str):
+    """(choices, ours): the file's {key: route} when it is a route cache of these versions, and
+    whether it is a route cache at all (a missing file counts as ours: it may be created). An
+    unreadable, damaged or foreign file gives no choices."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return {}, True
+    except (OSError, ValueError):  # unreadable, or not JSON
+        return {}, False
+    if not isinstance(saved, dict) or set(saved) != {"versions", "choices"} or not isinstance(saved["choices"], dict):
+        return {}, False
+    if saved["versions"] != _versions():
+        return {}, True
+    return {k: r for k, r in saved["choices"].items() if isinstance(k, str) and r in ROUTES}, True
+
+
 def _load_disk_cache() -> None:
-    """Read FUSED_DORA_ROUTE_CACHE into the choices once per file name (a missing, unreadable or
-    other-version file is ignored)."""
+    """Read FUSED_DORA_ROUTE_CACHE into the choices once per file name (a missing, unreadable,
+    damaged or other-version file is ignored)."""
     global _disk_loaded
     path = os.environ.get(ROUTE_CACHE_ENV, "")
     with _lock:
         if path == _disk_loaded:
             return
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            saved = None
-        if isinstance(saved, dict) and saved.get("versions") == _versions():
-            for key, route in saved.get("choices", {}).items():
-                if route in ROUTES:
-                    _choices.setdefault(key, route)
+        if path:
+            for key, route in _read_cache_file(path)[0].items():
+                _choices.setdefault(key, route)
         _disk_loaded = path
 
 
 def _save_disk_cache(key: str, route: str) -> None:
     """Add one choice to FUSED_DORA_ROUTE_CACHE (rewritten whole, atomically; processes sharing the
-    file may drop each other's newest entries, which are then timed again; a write error is
-    logged, not raised)."""
+    file may drop each other's newest entries, which are then timed again). A file that is not a
+    route cache (someone else's JSON, say) is left alone; that and a write error are logged, not
+    raised."""
     path = os.environ.get(ROUTE_CACHE_ENV, "")
     if not path:
         return
     with _lock:
+        choices, ours = _read_cache_file(path)
+        if not ours:
+            logger.warning("%s=%s is not a fused_dora route cache; it is left as it is and nothing is cached there",
+                           ROUTE_CACHE_ENV, path)
+            return
+        choices[key] = route
+        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(path) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict) or saved.get("versions") != _versions():
-                raise ValueError
-        except (OSError, ValueError):
-            saved = {"versions": _versions(), "choices": {}}
-        saved.setdefault("choices", {})[key] = route
-        try:
-            tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump(saved, f, indent=1, sort_keys=True)
+                json.dump({"versions": _versions(), "choices": choices}, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
         except OSError as err:
             logger.warning("could not write the route cache %s: %s", path, err)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)

@@ -299,6 +299,44 @@ def test_auto_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
     assert calls["dora_compose_epilogue"] == 1 and calls["dora_forward"] == 0
 
 
+@pytest.mark.parametrize("content", ['{"versions": "%s", "choices": null}', '{"versions": "%s", "choices": []}',
+                                     '{"versions": "%s", "choices": {"k": 3}}', "[1, 2]", "{not json"],
+                         ids=["null", "list", "bad-route", "list-file", "not-json"])
+def test_a_damaged_cache_file_is_ignored(monkeypatch, tmp_path, content):
+    path = tmp_path / "routes.json"
+    path.write_text(content % routes._versions() if "%s" in content else content)
+    monkeypatch.setenv(routes.ROUTE_CACHE_ENV, str(path))
+    routes.set_route_timer(StubTimer("composed", "composed"))
+    t = make_inputs(6, 8, 7, 2)
+    out = fused_dora.dora_linear(**t, scaling=1.0, backend="triton", route="auto")
+    assert torch.isfinite(out).all() and set(routes.route_choices().values()) == {"composed"}
+
+
+def test_a_foreign_json_file_is_not_overwritten(monkeypatch, tmp_path, caplog):
+    path = tmp_path / "settings.json"
+    path.write_text('{"theme": "dark"}')
+    monkeypatch.setenv(routes.ROUTE_CACHE_ENV, str(path))
+    routes.set_route_timer(StubTimer("composed", "composed"))
+    with caplog.at_level(logging.WARNING, logger="fused_dora.routes"):
+        fused_dora.dora_linear(**make_inputs(6, 8, 7, 2), scaling=1.0, backend="triton", route="auto")
+    assert path.read_text() == '{"theme": "dark"}'
+    assert "not a fused_dora route cache" in caplog.text
+
+
+def test_a_cache_file_that_cannot_be_replaced_leaves_no_temp_file(monkeypatch, tmp_path, caplog):
+    path = tmp_path / "routes.json"
+
+    def failing_replace(src, dst):
+        raise PermissionError(13, "Permission denied", dst)
+
+    monkeypatch.setattr(routes.os, "replace", failing_replace)
+    monkeypatch.setenv(routes.ROUTE_CACHE_ENV, str(path))
+    routes.set_route_timer(StubTimer("composed", "composed"))
+    with caplog.at_level(logging.WARNING, logger="fused_dora.routes"):
+        fused_dora.dora_linear(**make_inputs(6, 8, 7, 2), scaling=1.0, backend="triton", route="auto")
+    assert list(tmp_path.iterdir()) == [] and "could not write the route cache" in caplog.text
+
+
 @pytest.mark.parametrize("route", ["composed", "auto"])
 def test_compiled_model_on_each_route_matches_eager(route):
     torch._dynamo.reset()
