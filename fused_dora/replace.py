@@ -15,6 +15,7 @@ import collections
 import math
 import os
 import re
+import sys
 import warnings
 from typing import Iterable, Optional, Union
 
@@ -29,6 +30,39 @@ ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_magnitude_vector": "magnitude"}
 _ADAPTER_PARAMS = ("lora_A", "lora_B", "magnitude")
+
+
+# ---- wrappers ------------------------------------------------------------------------------------
+# Module names a wrapper inserts into its model's: torch.compile's OptimizedModule (_orig_mod),
+# FSDP's and activation checkpointing's inner wrappers. PEFT's adapter files name modules without them.
+_WRAPPER_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _outer_wrapper_child(model: nn.Module) -> Optional[nn.Module]:
+    """The wrapped module if ``model`` is a whole-model wrapper (torch.compile, DDP, DataParallel,
+    FSDP), else None."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    if type(model).__name__ == "FullyShardedDataParallel" and isinstance(getattr(model, "module", None), nn.Module):
+        return model.module  # FSDP1, not imported here: torch.distributed may be unavailable
+    return None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without its torch.compile / DDP / DataParallel / FSDP wrappers, as accelerate's
+    ``unwrap_model`` does: the module whose names PEFT's adapter files use."""
+    inner = _outer_wrapper_child(model)
+    while inner is not None:
+        model, inner = inner, _outer_wrapper_child(inner)
+    return model
+
+
+def _peft_name(name: str) -> str:
+    """A module name without the parts wrappers inside the model insert (see _WRAPPER_NAMES)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
 
 
 # ---- targeting -------------------------------------------------------------------------------
@@ -79,16 +113,25 @@ def _read_directly(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def _find_targets(model: nn.Module, targets) -> list:
-    """[(name, nn.Linear)] to replace; raises ValueError for matched modules that are no plain
-    nn.Linear or whose weight torch reads directly. ``"all-linear"`` leaves both kinds out."""
+def _find_targets(model: nn.Module, targets) -> tuple:
+    """([(name, nn.Linear)] to replace, [why each nn.Linear "all-linear" leaves out is left out]).
+
+    Raises ValueError for explicitly matched modules that are no plain nn.Linear or whose weight
+    torch reads directly; ``"all-linear"`` leaves the latter out (and says so)."""
     if targets == ALL_LINEAR:
         output = _output_layer(model)
-        return [(n, m) for n, m in model.named_modules()
-                if n and type(m) is nn.Linear and m is not output and _read_directly(model, n) is None]
+        found, left_out = [], []
+        for n, m in model.named_modules():
+            if n and type(m) is nn.Linear and m is not output:
+                why = _read_directly(model, n)
+                if why is None:
+                    found.append((n, m))
+                else:
+                    left_out.append(why)
+        return found, left_out
     found, bad = [], []
     for name, module in model.named_modules():
-        if not name or not _matches(name, targets):
+        if not name or not _matches(_peft_name(name), targets):
             continue
         if type(module) is nn.Linear:
             why = _read_directly(model, name)
@@ -105,7 +148,7 @@ def _find_targets(model: nn.Module, targets) -> list:
     if bad:
         raise ValueError("target_modules matched modules that cannot take a FusedDoraLinear: " + "; ".join(bad)
                          + ". Narrow target_modules (a suffix list or a regex that fullmatches).")
-    return found
+    return found, []
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
@@ -158,12 +201,16 @@ def replace_linear(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     targets = _check_target_modules(target_modules)
     check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora)
-    found = _find_targets(model, targets)
+    found, left_out = _find_targets(model, targets)
+    why = f" (left out, as an adapter there would be silently ignored: {'; '.join(left_out)})" if left_out else ""
     if not found:
         raise ValueError(f"target_modules={target_modules!r} matched no torch.nn.Linear module of "
-                         f"{type(model).__name__}")
+                         f"{type(model).__name__} that can take an adapter{why}")
+    if left_out:
+        warnings.warn(f"replace_linear: {len(left_out)} nn.Linear modules are not replaced{why}", stacklevel=2)
     for name, linear in found:
         _swap(model, name, FusedDoraLinear.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora,
                                                        adapter_dtype=adapter_dtype, backend=backend, route=route))
@@ -182,7 +229,8 @@ def _import_peft():
 
 
 def _dora_layers(model: nn.Module) -> dict:
-    return {name: m for name, m in model.named_modules() if name and isinstance(m, FusedDoraLinear)}
+    """{name as PEFT's adapter files give it: FusedDoraLinear} of ``model`` (already unwrapped)."""
+    return {_peft_name(name): m for name, m in model.named_modules() if name and isinstance(m, FusedDoraLinear)}
 
 
 def _plain_number(v: float):
@@ -205,6 +253,19 @@ def _task_type(model: nn.Module) -> Optional[str]:
     return next((task for suffix, task in _TASK_TYPES if name.endswith(suffix)), None)
 
 
+def _full_adapter_tensor(name: str, layer: FusedDoraLinear, attr: str) -> torch.Tensor:
+    """The layer's adapter tensor ``attr`` as a plain CPU tensor of its full shape; ValueError for a
+    sharded one (FSDP's flattened parameters, DTensors), which PEFT could not load."""
+    t = getattr(layer, attr).detach()
+    expected = {"lora_A": (layer.r, layer.in_features), "lora_B": (layer.out_features, layer.r),
+                "magnitude": (layer.out_features,)}[attr]
+    if type(t) is not torch.Tensor or tuple(t.shape) != expected:
+        raise ValueError(f"save_adapter: {name}.{attr} is a {type(t).__name__} of shape {tuple(t.shape)}, not the "
+                         f"full {expected} tensor (sharded by FSDP?); gather the full parameters first, e.g. "
+                         "inside FullyShardedDataParallel.summon_full_params(model) or from DTensor.full_tensor()")
+    return t.contiguous().cpu()
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                  base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> None:
     """Write the DoRA adapters of ``model``'s FusedDoraLinear layers to directory ``path``, as PEFT does.
@@ -217,10 +278,15 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``. ``base_model_name_or_path``
     and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a transformers model knows:
     its ``config._name_or_path`` and its class (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...).
+    A model wrapped by torch.compile, DDP, DataParallel or FSDP is saved under its own module
+    names (see :func:`unwrap_model`); sharded adapters (FSDP, DTensor) must be gathered first.
     """
     peft, _ = _import_peft()
     from safetensors.torch import save_file
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     layers = _dora_layers(model)
     if not layers:
         raise ValueError(f"model ({type(model).__name__}) has no FusedDoraLinear layers to save; "
@@ -237,7 +303,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, m in layers.items():
         for suffix, attr in _SUFFIXES.items():
-            tensors[_PREFIX + name + suffix] = getattr(m, attr).detach().contiguous().cpu()
+            tensors[_PREFIX + name + suffix] = _full_adapter_tensor(name, m, attr)
         if m.r != rank:
             rank_pattern[re.escape(name)] = m.r
         if m.lora_alpha != alpha:
@@ -300,20 +366,23 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
     the existing parameters (their dtype and device are kept). Everything is checked before
     anything changes. With ``strict``, a FusedDoraLinear of ``model`` the adapter does not cover is
     an error. Afterwards, as after replace_linear, only adapter parameters require grad.
+    A model wrapped by torch.compile, DDP, DataParallel or FSDP is matched by its own module
+    names (see :func:`unwrap_model`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap_model(model)
     _, get_pattern_key = _import_peft()
     config, per_module = _read_peft_adapter(path)
+    real_names = {_peft_name(n): n for n, _ in model.named_modules() if n}  # names with wrapper parts
     plan = []
     for name, t in sorted(per_module.items()):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the adapter has weights for {name!r}, which {type(model).__name__} does not have") from None
+        if name not in real_names:
+            raise ValueError(f"the adapter has weights for {name!r}, which {type(model).__name__} does not have")
+        module = model.get_submodule(real_names[name])
         if isinstance(module, FusedDoraLinear):
             if module.merged:
                 raise ValueError(f"{name} is merged; call unmerge() before loading an adapter into it")
@@ -322,8 +391,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
                                  f"has r={r}, scaling={scaling:g}")
         elif type(module) is not nn.Linear:
             raise ValueError(f"{name} is a {type(module).__name__}; load_adapter needs a FusedDoraLinear or an nn.Linear")
-        elif _read_directly(model, name) is not None:
-            raise ValueError(f"{_read_directly(model, name)}, so an adapter there would be silently ignored")
+        elif _read_directly(model, real_names[name]) is not None:
+            raise ValueError(f"{_read_directly(model, real_names[name])}, so an adapter there would be silently ignored")
         out_f, in_f = module.out_features, module.in_features
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
         for attr, shape in expected.items():
@@ -339,7 +408,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
         if not isinstance(module, FusedDoraLinear):
             module = FusedDoraLinear.from_linear(module, r, alpha, config.lora_dropout, config.use_rslora,
                                                  backend=backend)
-            _swap(model, name, module)
+            _swap(model, real_names[name], module)
         with torch.no_grad():
             for attr in _ADAPTER_PARAMS:
                 getattr(module, attr).copy_(per_module[name][attr])

@@ -129,6 +129,42 @@ def test_save_adapter_loads_in_peft(tmp_path):
     assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["task_type"] is None
 
 
+@pytest.mark.parametrize("wrap", ["compiled", "data-parallel", "compiled-layer"])
+def test_save_and_load_adapter_see_through_wrappers(tmp_path, wrap):
+    """A compiled (or DataParallel-wrapped) model saves under its own module names, which PEFT loads
+    into the plain base model; load_adapter and replace_linear accept the wrapped model too."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama()
+    if wrap == "compiled-layer":  # a compiled block inside the model: "_orig_mod" inside the names
+        model.model.layers[0] = torch.compile(model.model.layers[0], backend="eager")
+        wrapped = model
+    else:
+        wrapped = torch.compile(model, backend="eager") if wrap == "compiled" else nn.DataParallel(model)
+    assert replace_linear(wrapped, TARGETS, r=4, lora_alpha=8, backend=BACKEND) == 14
+    randomize_adapters(model)
+    expected = logits(model)
+    save_adapter(wrapped, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not [n for n in config["target_modules"] if "_orig_mod" in n or n.startswith("module.")]
+    assert config["task_type"] == "CAUSAL_LM"
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert rel(logits(loaded), expected) < 1e-5
+    fresh = tiny_llama()
+    fresh.model.layers[0] = torch.compile(fresh.model.layers[0], backend="eager")
+    assert load_adapter(torch.compile(fresh, backend="eager"), tmp_path, backend=BACKEND) == 14
+    assert rel(logits(fresh), expected) < 1e-5
+
+
+def test_save_adapter_refuses_sharded_tensors(tmp_path):
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    replace_linear(model, ["q_proj"], r=2, lora_alpha=2, backend=BACKEND)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.lora_A = nn.Parameter(layer.lora_A.detach().flatten()[:5])  # as FSDP leaves a flattened shard
+    with pytest.raises(ValueError, match="lora_A is a Tensor of shape \\(5,\\).*summon_full_params"):
+        save_adapter(model, tmp_path)
+
+
 def test_save_adapter_mixed_ranks_and_rslora(tmp_path):
     peft = pytest.importorskip("peft")
     model = tiny_llama()
