@@ -15,6 +15,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,6 +102,18 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+_FORWARD_AD = ("forward-mode AD (torch.autograd.forward_ad dual tensors) needs a jvp, which the Triton kernels "
+               "do not have; backend='reference' (or 'auto') computes it")
+
+
+def forward_ad_active(tensors) -> bool:
+    """Whether any of ``tensors`` (None allowed) is a forward-mode AD dual tensor
+    (torch.autograd.forward_ad), whose tangent the Triton kernels cannot propagate."""
+    if forward_ad._current_level < 0:  # no dual_level() is open: nothing to unpack
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _unavailable(device: torch.device, dtype: torch.dtype, weight: Optional[torch.Tensor]):
     """(why the kernels cannot compute this call, the error a forced backend='triton' raises), or None."""
     why = _device_reason(device.type, os.environ.get("TRITON_INTERPRET", "0"))
@@ -118,12 +131,15 @@ def _unavailable(device: torch.device, dtype: torch.dtype, weight: Optional[torc
 
 
 def reference_reason(backend: str, device: torch.device, dtype: torch.dtype,
-                     weight: Optional[torch.Tensor] = None) -> Optional[str]:
+                     weight: Optional[torch.Tensor] = None, tensors: tuple = ()) -> Optional[str]:
     """None where ``backend`` runs the Triton kernels on ``dtype`` tensors of ``device`` (and this
-    weight), else why the PyTorch reference path runs (or, for backend='triton', cannot)."""
+    weight, and these call ``tensors``), else why the PyTorch reference path runs (or, for
+    backend='triton', cannot)."""
     if backend == "reference":
         return "backend='reference'"
     found = _unavailable(device, dtype, weight)
+    if found is None and forward_ad_active((weight,) + tuple(tensors)):
+        return _FORWARD_AD
     return None if found is None else found[0]
 
 
@@ -137,6 +153,8 @@ def resolve_backend(backend: str, x: torch.Tensor, *tensors, weight: Optional[to
         return "reference"
     dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (x,) + tensors) else x.dtype
     found = _unavailable(x.device, dtype, weight)
+    if found is None and forward_ad_active((x, weight) + tensors):
+        found = (_FORWARD_AD, NotImplementedError)
     if found is None:
         return "triton"
     if backend == "triton":

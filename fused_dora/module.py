@@ -55,11 +55,16 @@ def _unmerge_before_load(module, state_dict, prefix, local_metadata, strict, mis
     so a merged layer is unmerged first and merged again after loading (_remerge_after_load)."""
     if module.merged:
         module.unmerge()
-        module._remerge_after_load = True
+        # with load_state_dict(assign=True) the weight becomes the caller's tensor, which the
+        # re-merge must not write into: note it, so the merge runs on a copy
+        module._remerge_after_load = "copy" if local_metadata.get("assign_to_params_buffers", False) else "in place"
 
 
 def _remerge_after_load(module, incompatible_keys) -> None:
-    if module.__dict__.pop("_remerge_after_load", False):
+    how = module.__dict__.pop("_remerge_after_load", None)
+    if how == "copy":
+        module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+    if how is not None:
         module.merge()
 
 

@@ -390,3 +390,48 @@ def test_status_counts_and_repr():
     model.base_model.enable_adapter_layers()
     disable_fused_dora(model)
     assert "fused_dora" not in repr(lin)
+
+
+def _freed_without_gc(build):
+    """Whether ``del model`` frees the model at once (no reference cycle), with gc disabled."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        model, weight = build()
+        ref = weakref.ref(weight)
+        del model, weight
+        return ref() is None
+    finally:
+        gc.enable()
+
+
+def test_del_model_frees_it_without_the_garbage_collector():
+    def build():
+        model = peft_llama()
+        enable_fused_dora(model)
+        model(input_ids=batch()).logits.sum().backward()  # a training step: nothing kept either
+        repr(model)
+        return model, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+
+    def plain():
+        model = peft_llama()
+        return model, model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+
+    assert _freed_without_gc(plain), "PEFT alone should free the model at once"
+    assert _freed_without_gc(build)
+
+
+def test_switched_model_pickles_and_copies_to_its_own_layers(tmp_path):
+    model = peft_llama().eval()
+    enable_fused_dora(model)
+    ids = batch()
+    expected = logits(model, ids)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    layer = loaded.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.forward.layer is layer and layer.extra_repr.layer is layer
+    assert set(fused_dora_status(loaded).values()) == {"fused"}
+    assert rel(logits(loaded, ids), expected) == 0

@@ -118,6 +118,29 @@ def test_load_state_dict_into_merged_layer():
         assert rel_err(layer(x), expect) < 1e-5
 
 
+def test_load_state_dict_assign_leaves_the_callers_tensors_alone():
+    source = _trained_layer(seed=4)
+    sd = source.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = _function_of(source, x)
+    layers = []
+    for _ in range(2):  # a second layer loaded from the same dict sees what the first saw
+        layer = _trained_layer(seed=7)
+        layer.merge()
+        layer.load_state_dict(sd, assign=True)
+        assert layer.merged and layer.weight.data_ptr() != sd["weight"].data_ptr()
+        assert not layer.weight.requires_grad
+        layers.append(layer)
+    for k, v in sd.items():
+        assert torch.equal(v, before[k]), k
+    for layer in layers:
+        with torch.no_grad():
+            assert rel_err(layer(x), expect) < 1e-5
+        layer.unmerge()
+        assert rel_err(layer.weight, source.weight) < 1e-6
+
+
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to"])
 def test_merged_layer_survives_dtype_casts(cast):
     layer = _trained_layer(seed=5)
@@ -293,15 +316,44 @@ def test_torch_func_transforms():
     assert grads["lora_B"].abs().sum() > 0
 
 
+def test_forward_mode_ad():
+    """Dual tensors (torch.autograd.forward_ad): "auto" computes the jvp on the reference path,
+    "triton" says why it cannot, and a FusedDoraLinear gives the reference's tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    t = make_inputs(6, 16, 12, 2, seed=14)
+    tangents = make_inputs(6, 16, 12, 2, seed=15)
+
+    def jvp(backend, name):
+        with fwAD.dual_level():
+            args = {**t, name: fwAD.make_dual(t[name], tangents[name])}
+            y = fused_dora.dora_linear(**args, scaling=SCALING, backend=backend)
+            return fwAD.unpack_dual(y).tangent
+
+    for name in ("x", "lora_A", "lora_B", "magnitude"):
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            jvp("triton", name)
+        assert rel_err(jvp("auto", name), jvp("reference", name)) < 1e-6, name
+    layer = _trained_layer(seed=14)
+    x, dx = torch.randn(3, 24, device=DEVICE), torch.randn(3, 24, device=DEVICE)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, dx))).tangent
+    expect = torch.func.jvp(lambda x: _function_of(layer, x), (x.double(),), (dx.double(),))[1]
+    assert rel_err(tangent, expect) < 1e-5
+
+
 # ---- 12: nn.TransformerEncoderLayer's fast path --------------------------------------------------
 def test_transformer_encoder_layer_feed_forward_is_guarded():
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
     with pytest.raises(ValueError, match="fast path reads linear1.weight directly"):
         replace_linear(layer, ["linear1"], r=2, lora_alpha=4)
-    with pytest.raises(ValueError, match="matched no torch.nn.Linear"):
-        replace_linear(layer, "all-linear", r=2, lora_alpha=4)  # out_proj, linear1, linear2 all read directly
+    # out_proj is no plain nn.Linear; linear1 and linear2 are read directly: nothing is left, and the
+    # error says why rather than only "matched nothing"
+    with pytest.raises(ValueError, match="matched no torch.nn.Linear.*left out.*fast path reads linear1.weight"):
+        replace_linear(layer, "all-linear", r=2, lora_alpha=4)
     model = nn.Sequential(copy.deepcopy(layer), nn.Linear(16, 4))
-    assert replace_linear(model, "all-linear", r=2, lora_alpha=4) == 1  # only the head
+    with pytest.warns(UserWarning, match="2 nn.Linear modules are not replaced.*0.linear1.*0.linear2"):
+        assert replace_linear(model, "all-linear", r=2, lora_alpha=4) == 1  # only the head
 
 
 # ---- 13: no warnings from our code under torch.compile --------------------------------------------

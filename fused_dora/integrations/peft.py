@@ -13,6 +13,7 @@ compute what PEFT computes (see :func:`enable_fused_dora`).
 import collections
 import logging
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -131,7 +132,33 @@ def _input_reason(x, weight, bias, tensors, compute_dtype, autocast: bool) -> Op
     return None
 
 
-class _FusedForward:
+class _LayerBound:
+    """Base of the callables installed on a PEFT layer (its ``forward``, its ``extra_repr``).
+
+    The layer holds them in its ``__dict__``, so they hold the layer weakly: a strong reference
+    would make a cycle that keeps the whole model (and its GPU memory) alive after ``del model``
+    until the garbage collector runs. Copies and pickles follow the layer: ``copy.deepcopy`` of a
+    model gives callables bound to the copied layers.
+    """
+
+    def __init__(self, layer):
+        self._layer = weakref.ref(layer)
+
+    @property
+    def layer(self):
+        return self._layer()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_layer"] = self.layer  # strong while copied or pickled: the copy's memo maps it
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._layer = weakref.ref(state["_layer"])
+
+
+class _FusedForward(_LayerBound):
     """The ``forward`` installed on one PEFT lora.Linear: the fused op when it applies, else PEFT's.
 
     Holds a NormCache tagged with the adapter's name, as FusedDoraLinear does (writes through
@@ -139,7 +166,8 @@ class _FusedForward:
     """
 
     def __init__(self, layer, dropout_semantics: str, backend: str, previous=None, route: Optional[str] = None):
-        self.layer, self.dropout_semantics, self.backend, self.route = layer, dropout_semantics, backend, route
+        super().__init__(layer)
+        self.dropout_semantics, self.backend, self.route = dropout_semantics, backend, route
         self.previous = previous  # an instance-level forward that was there before, if any
         self.last_input_reason = None  # why the last call's arguments went to PEFT's path
         self.last_reference_reason = None  # why the last fused call ran the PyTorch reference path
@@ -178,18 +206,16 @@ class _FusedForward:
         dropout = layer.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         training = layer.training and dropout.training
-        self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight)
+        self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight,
+                                                      (x, bias, lora_A, lora_B, magnitude))
         norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm,
                            route=self.route)
 
 
-class _FusedExtraRepr:
+class _FusedExtraRepr(_LayerBound):
     """The ``extra_repr`` installed beside the fused forward: PEFT's, plus which path runs."""
-
-    def __init__(self, layer):
-        self.layer = layer
 
     def __call__(self) -> str:
         own = type(self.layer).extra_repr(self.layer)
