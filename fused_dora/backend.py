@@ -66,6 +66,7 @@ def load_kernels():
 _DEVICE_REASONS = {}
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing: the first call may import triton
 def _device_reason(device_type: str, interpret_env: str) -> Optional[str]:
     key = (device_type, interpret_env)
     if key not in _DEVICE_REASONS:

@@ -435,3 +435,20 @@ def test_switched_model_pickles_and_copies_to_its_own_layers(tmp_path):
     assert layer.forward.layer is layer and layer.extra_repr.layer is layer
     assert set(fused_dora_status(loaded).values()) == {"fused"}
     assert rel(logits(loaded, ids), expected) == 0
+
+
+def test_compiled_fullgraph_before_any_eager_call(monkeypatch):
+    """The first call of a switched model may be a compiled one (nothing ran eagerly yet, so the
+    kernels were never imported): the backend check runs while tracing, without a graph break."""
+    import fused_dora.backend as backend
+
+    monkeypatch.setattr(backend, "_DEVICE_REASONS", {})
+    monkeypatch.setattr(backend, "_kernels_module", None)
+    torch._dynamo.reset()
+    model = peft_llama()
+    enable_fused_dora(model)
+    ids = batch()
+    compiled = torch.compile(model.base_model.model, backend="aot_eager", fullgraph=True, dynamic=True)
+    got = compiled(input_ids=ids).logits
+    assert set(fused_dora_status(model).values()) == {"fused"}
+    assert rel(got, logits(model, ids)) < 1e-5
