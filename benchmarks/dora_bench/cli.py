@@ -14,6 +14,7 @@ from .cases import DTYPES, MODEL_CONFIGS, MODES, RANKS, SHAPES, TOKENS, select_c
 from .competitors import COMPETITORS
 from .instruments import Timer, measure_bandwidth, set_autotune_timing
 from .models import MODEL_COMPETITORS
+from .predicted import load_predictions, predicted
 from .provenance import device_info, run_meta
 from .report import markdown_report, save_reports, summary_table
 from .schedule import run_plan
@@ -126,6 +127,11 @@ def main(argv=None) -> int:
     rows, skipped = run_plan(cases, specs, args, dev, timer, bw, log, t_start, budget_min, smoke)
 
     meta = run_meta(args, argv, dev, bw, smoke, budget_min, time.time() - t_start, skipped, parity_ok)
+    predictions = {} if smoke else load_predictions(meta["device"])  # the static cost model's, for this GPU
+    for row in rows:
+        p = predicted(predictions, row["key"])
+        if p is not None:
+            row["metrics"]["predicted_ratio_floor"] = p
     log("")
     log("== summary" + (" (smoke run: CPU timings are meaningless; only the byte-count targets get verdicts)"
                         if smoke else ""))

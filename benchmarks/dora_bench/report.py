@@ -76,7 +76,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
         L.append("")
         L.append("Ratios are times. `fused/floor`: GPU time (CUDA events, L2 flushed) over F.linear's; `wall fused/floor`: "
                  "the same from back-to-back calls on the host clock (higher than `fused/floor` where the path is "
-                 "launch-bound). `composed/floor`, `auto/floor`: the same ratio for fused_dora's other routes, "
+                 "launch-bound). `predicted`: fused/floor as benchmarks/cost_model.py predicts it for this GPU without one "
+                 "(benchmarks/results/cost_model_<target>.json; '-' where it has no prediction). `composed/floor`, `auto/floor`: the same ratio for fused_dora's other routes, "
                  "`route=\"composed\"` (cuBLAS for the two big GEMMs, light Triton passes around them) and "
                  "`route=\"auto\"` (composed where it timed at least 5% faster on first use); `auto chose`: the "
                  "routes it took, forward / backward (`fused (untimed)`: auto does not time there, e.g. fp16 "
@@ -88,7 +89,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
                  "[N,K] temporaries) do not depend on the device: a CPU smoke run measures them too, fp16 "
                  "standing for bf16.")
         L.append("")
-        L += _header("case", "fused ms", "floor ms", "fused/floor", "wall fused/floor", "composed/floor", "auto/floor",
+        L += _header("case", "fused ms", "floor ms", "fused/floor", "predicted", "wall fused/floor", "composed/floor",
+                     "auto/floor",
                      "auto chose", "xPEFT DoRA", "xPEFT LoRA", "xeager", "fused TFLOP/s", "peak MiB fused / PEFT DoRA",
                      "saved MiB fused / LoRA / DoRA", "rel err", "targets")
         for row in layer:
@@ -96,7 +98,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
             fr = res.get("fused", {})
             fused_ms = _fused_ms_cell(fr)
             L.append(_md_row([
-                row["key"], fused_ms, cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("wall_ratio_floor")),
+                row["key"], fused_ms, cell(ms_of(res, "floor")), _x(m.get("ratio_floor")),
+                _x(m.get("predicted_ratio_floor")), _x(m.get("wall_ratio_floor")),
                 _x(m.get("ratio_floor_composed")), _x(m.get("ratio_floor_auto")), auto_cell(res),
                 _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), _x(m.get("x_eager")), cell(m.get("tflops"), "{:.0f}"),
                 f"{cell(fr.get('peak_mib'), '{:.0f}')} / {cell(res.get('peft_dora', {}).get('peak_mib'), '{:.0f}')}",
@@ -186,7 +189,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
 
 def summary_table(rows: List[dict], smoke: bool) -> str:
     """The compact stdout table: one line per case."""
-    L = _header("case", "fused ms", "floor ms", "fused/floor", "composed/floor", "auto/floor (chose)", "xPEFT DoRA",
+    L = _header("case", "fused ms", "floor ms", "fused/floor", "predicted", "composed/floor", "auto/floor (chose)",
+                "xPEFT DoRA",
                 "xPEFT LoRA", "xeager", "peak fused/DoRA", "targets")
     for row in rows:
         res, m = row["results"], row["metrics"]
@@ -196,7 +200,7 @@ def summary_table(rows: List[dict], smoke: bool) -> str:
             fr = res.get(fv, {})
             L.append(_md_row([
                 row["key"] + f" [{fv}]", cell(fr.get("ms"), "{:.1f}") if fr.get("ms") else fr.get("status", "-"),
-                "-", "-", "-", "-", _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), "-",
+                "-", "-", "-", "-", "-", _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), "-",
                 _x(m.get("peak_vs_peft_dora")), _verdicts(row, smoke)]))
             continue
         fr = res.get("fused", {})
@@ -205,7 +209,8 @@ def summary_table(rows: List[dict], smoke: bool) -> str:
             pk = fr["peak_mib"] / res["peft_dora"]["peak_mib"]
         L.append(_md_row([
             row["key"], _fused_ms_cell(fr),
-            cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("ratio_floor_composed")),
+            cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("predicted_ratio_floor")),
+            _x(m.get("ratio_floor_composed")),
             _x(m.get("ratio_floor_auto")) + (f" ({auto_cell(res)})" if auto_cell(res) != "-" else ""),
             _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")),
             _x(m.get("x_eager")), _x(pk), _verdicts(row, smoke)]))
