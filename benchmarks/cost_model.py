@@ -35,7 +35,8 @@ Definitions (per program = one CTA; S SMs; clock f; FMA/clk/SM by input type, ta
     compute time                 ceil(P / S) * cycles per program / (f * ETA_GEMM)
                                  + ceil(ceil(P / S) / O) * MEM_LATENCY_US   (each wave fills its pipeline)
     memory time                  bytes / min(BW * ETA_BW, concurrent programs * bytes in flight / latency)
-                                 (bytes in flight per program: max(1, stages - 1) iterations' loads;
+                                 (bytes in flight per program: the pipeline's stages in shared memory
+                                  but one, at least max(1, stages - 1) iterations' share of the bytes;
                                   Little's law: a small grid cannot pull full bandwidth)
     launch time                  max(compute, memory) + LAUNCH_US
     eager torch op               bytes / (BW * ETA_BW) + LAUNCH_US; a GEMM (cuBLAS):
@@ -339,7 +340,12 @@ def _spec(v):
 
 
 def job_key(name, args, kwargs, config_index):
-    return (name, tuple(_spec(a) for a in args), repr(sorted(kwargs.items())), config_index)
+    """What decides the compiled code: the kernel, its arguments as Triton specialises them (not the
+    values; arguments declared do_not_specialize, such as the dropout seed, not at all), the
+    constexprs and the config."""
+    params = fn_of(name).params
+    spec = tuple("any" if i < len(params) and params[i].do_not_specialize else _spec(a) for i, a in enumerate(args))
+    return (name, spec, repr(sorted(kwargs.items())), config_index)
 
 
 def anchor_launch(layout: str, config_index: int, M=4096, N=4096, K=4096) -> Launch:
@@ -451,7 +457,10 @@ def predict_launch(gpu: Gpu, name: str, a: dict, cfg, sass: dict, programs: int,
     cycles += outside
     compute_us = per_sm * cycles / (gpu.clock_ghz * 1e3 * gpu.eta_gemm) + cdiv(per_sm, occ) * MEM_LATENCY_US
     concurrent = min(programs, S * occ)
-    inflight = nbytes / max(programs * max(figs["trips"], 1), 1) * max(1, cfg.num_stages - 1)
+    # bytes one program has in flight: the pipeline's stages in shared memory but the one computed on
+    # (GEMMs: loads mostly served by L2, at L2 latency or more), at least its share of HBM bytes
+    inflight = max(sass["shared"] * (cfg.num_stages - 1) / cfg.num_stages,
+                   nbytes / max(programs * max(figs["trips"], 1), 1) * max(1, cfg.num_stages - 1))
     bw = min(gpu.hbm_tbs * 1e6 * gpu.eta_bw, concurrent * inflight / MEM_LATENCY_US)  # bytes per us
     memory_us = nbytes / bw
     bound = "memory" if memory_us > compute_us else ("tensor" if t_total >= i_total + outside else "issue")
@@ -763,6 +772,25 @@ def summary_json(result: dict) -> dict:
     return out
 
 
+def _slim_cases(cases):
+    """The cases for the JSON file: per GPU the competitors' times and ratios, the fused call's
+    Triton launches one by one and its eager ops summed."""
+    out = []
+    for c in cases:
+        gpus = {}
+        for gpu, p in c["gpus"].items():
+            q = {k: v for k, v in p.items() if k != "fused"}
+            fused = p.get("fused")
+            if fused:
+                q["fused_launches"] = [{k: v for k, v in it.items() if k != "shapes"} for it in fused["items"]
+                                       if it["kind"] == "triton"]
+                eager = [it for it in fused["items"] if it["kind"] != "triton"]
+                q["fused_eager"] = dict(ops=len(eager), us=sum(it["us"] for it in eager))
+            gpus[gpu] = q
+        out.append({**c, "gpus": gpus})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="sm_90", help=f"one of {', '.join(TARGET_GPUS)}")
@@ -800,7 +828,7 @@ def main(argv=None) -> int:
         print(text)
     if opts.json:
         Path(opts.json).write_text(json.dumps(dict(target=opts.target, predictions=summary_json(result),
-                                                   kernels=result["kernels"], cases=result["cases"]),
+                                                   kernels=result["kernels"], cases=_slim_cases(result["cases"])),
                                               indent=1, default=str))
     failures = dx_loop_check(result["kernels"]) if opts.check_dx else []
     for f in failures:
