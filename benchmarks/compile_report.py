@@ -60,6 +60,27 @@ if str(ROOT) not in sys.path:
 from fused_dora import composition  # noqa: E402
 from fused_dora.backend import load_kernels  # noqa: E402
 
+
+def _this_checkouts_kernels() -> None:
+    """Import fused_dora.kernels from this checkout's kernels/ folder. The package itself comes from
+    this checkout (ROOT is first on sys.path), but an editable install of another checkout maps
+    the name fused_dora.kernels to that checkout's folder: its kernels would be compiled instead."""
+    import importlib.util
+
+    name, init = "fused_dora.kernels", ROOT / "kernels" / "__init__.py"
+    if name in sys.modules or not init.is_file():
+        return
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
+_this_checkouts_kernels()
 load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
 from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
                                         smem_budget, spill_case)
@@ -199,22 +220,31 @@ def build_jobs(target_name: str, cases):
 # ---------------------------------------------------------------- compiling (in worker processes)
 
 _WORKER_TARGET = None
+_COMPILED_HERE = []  # the @triton.jit functions compile_for has compiled in this process
+
+
+def compile_for(target_name: str, fn, args, kwargs):
+    """``fn`` (a @triton.jit function) compiled for ``target_name`` through ``JITFunction.warmup``
+    (tensor arguments given as their dtypes), in this process; raises what the compiler raises."""
+    global _WORKER_TARGET
+    if _WORKER_TARGET != target_name:  # a JITFunction caches its target per device: reset it
+        driver.set_active(TargetDriver(TARGETS[target_name][0]))
+        for f in [t.kernel.fn for t in TUNED_KERNELS.values()] + _COMPILED_HERE:
+            f.device_caches.clear()
+        _WORKER_TARGET = target_name
+    if not any(f is fn for f in _COMPILED_HERE):
+        _COMPILED_HERE.append(fn)
+    return fn.warmup(*args, grid=(1,), **kwargs)
 
 
 def compile_one(job):
     """{shared, regs, stack, mma, error, seconds} for one (target, kernel, args, config)."""
-    global _WORKER_TARGET
     target_name, name, args, kwargs, config_index = job
     tuned = TUNED_KERNELS[name]
-    if _WORKER_TARGET != target_name:  # a JITFunction caches its target per device: reset it
-        driver.set_active(TargetDriver(TARGETS[target_name][0]))
-        for t in TUNED_KERNELS.values():
-            t.kernel.fn.device_caches.clear()
-        _WORKER_TARGET = target_name
     cfg = tuned.configs[config_index]
     start = time.perf_counter()
     try:
-        compiled = tuned.kernel.fn.warmup(*args, grid=(1,), **kwargs, **cfg.all_kwargs())
+        compiled = compile_for(target_name, tuned.kernel.fn, args, {**kwargs, **cfg.all_kwargs()})
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
                     seconds=time.perf_counter() - start)
@@ -237,19 +267,19 @@ def resource_usage(cubin: bytes):
     return int(match.group(1)), int(match.group(2))
 
 
-def compile_all(jobs: dict, workers: int, progress=None):
-    """key -> compile_one's result, ``workers`` processes (forked: they inherit the kernels)."""
+def compile_all(jobs: dict, workers: int, progress=None, worker=compile_one):
+    """key -> worker(job) (default compile_one), ``workers`` processes (forked: they inherit the kernels)."""
     results = {}
     items = list(jobs.items())
     if workers <= 1:
         for i, (key, job) in enumerate(items):
-            results[key] = compile_one(job)
+            results[key] = worker(job)
             if progress:
                 progress(i + 1, len(items))
         return results
     ctx = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(compile_one, job): key for key, job in items}
+        futures = {pool.submit(worker, job): key for key, job in items}
         for i, fut in enumerate(concurrent.futures.as_completed(futures)):
             results[futures[fut]] = fut.result()
             if progress:
