@@ -9,7 +9,7 @@ Every autotuned kernel x every GPU config x the dtype combinations the API accep
 fp16 / bf16 / fp32; adapters fp32 or the activation dtype) x r in {16, 384} x dropout on / off
 where the kernel has that switch (the forward epilogues: training, which also stores q, and
 inference; lora_up_grad: e = dy * c also stored, for the composed route's torch.mm, or not).
-fused_dora's own composition of the launchers runs on meta tensors, on both routes (fused: the
+fused_dora's own drivers of the launchers run on meta tensors, on both routes (fused: the
 Triton GEMMs; composed: torch.mm with the passes of kernels/composed.py), with each kernel's
 launch captured instead of executed, so the arguments (block sizes, precisions, upcasts,
 specialisations) are the ones a GPU run would pass; each config is then compiled through
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fused_dora import composition  # noqa: E402
+from fused_dora import drivers  # noqa: E402
 from fused_dora.backend import load_kernels  # noqa: E402
 
 load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
@@ -126,7 +126,7 @@ def _record(calls, name, *args, grid, warmup, **kwargs):
 def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
     """[(kernel name, args, kwargs)] of every autotuned launch of one training step, on both routes.
 
-    fused_dora's own composition of the launchers (the norm, the forward, the backward with every
+    fused_dora's own drivers of the launchers (the norm, the forward, the backward with every
     gradient; route "fused", then route "composed", whose torch.mm works on meta tensors too) runs
     on meta tensors; each kernel's launch is recorded instead of run.
     """
@@ -143,14 +143,14 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
     for name, tuned in TUNED_KERNELS.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
-        norm = composition.row_norm(w, a, b, s)
-        scale = torch.empty(N, dtype=torch.float32, device=meta)
+        norm = drivers.row_norm(w, a, b, s)
+        mag_scale = torch.empty(N, dtype=torch.float32, device=meta)
         for route in ("fused", "composed"):
             if not dropout:  # inference: no q stored
-                composition.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
-            _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True, route=route)
-            composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True,
-                                       True, route=route)
+                drivers.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
+            _, su, q = drivers.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True, route=route)
+            drivers.fused_backward(dy, x, w, a, b, su, q, mag_scale, norm, mag.dtype, s, p, seed, need_dx=True,
+                                   need_da=True, need_db=True, need_dmag=True, route=route)
     finally:
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run

@@ -24,7 +24,7 @@ Backward (n is a constant, DoRA paper §4.3; dy [M, N]):
 
 Saved for the backward, only what the needed gradients read (``saved_tensors``): x (for dA,
 dW), su (for dB), q = ypre · t (for dg; t = 2**floor(log2 c) per column keeps q finite in
-16 bits wherever y is, see composition.magnitude_grad_rescale), the [N] fp32 norm (a training
+16 bits wherever y is, see drivers.magnitude_grad_rescale), the [N] fp32 norm (a training
 forward computes its own: 4·N bytes), and the parameters W, A, B, g (saving those costs no
 memory). c is re-formed from g and n. Both GEMM routes (fused / composed, fused_dora.routes)
 compute these same quantities and save the same tensors, so forward and backward choose apart.
@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .composition import frozen_grads, fused_backward, fused_forward, narrow_column_offsets, row_norm
+from .drivers import frozen_grads, fused_backward, fused_forward, narrow_column_offsets, row_norm
 from .reference import magnitude_scale
 
 
@@ -67,17 +67,18 @@ def refuse_double_backward() -> None:
 def input_grads(needs, dy, saved, scaling, dropout_p, seed, route="fused", backward=fused_backward) -> tuple:
     """(dx, dW, dbias, dA, dB, dmagnitude) from dy [..., N] and ``saved_tensors``' tuple.
 
-    ``backward``: composition.fused_backward (eager route) or the dora_bwd custom op (compile
+    ``backward``: drivers.fused_backward (eager route) or the dora_bwd custom op (compile
     route), called as fused_backward is.
     """
     refuse_double_backward()
     x, weight, bias, lora_A, lora_B, magnitude, norm, su, q = saved
     need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = needs
     dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
-    scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, bit for bit the forward's
-    dx, da, db, dmag = backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude.dtype, scaling, dropout_p,
-                                seed, need_dx, need_da, need_db, need_dmag, route)
-    dw, dbias = frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias)
+    mag_scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, bit for bit the forward's
+    dx, da, db, dmag = backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude.dtype, scaling,
+                                dropout_p, seed, need_dx=need_dx, need_da=need_da, need_db=need_db,
+                                need_dmag=need_dmag, route=route)
+    dw, dbias = frozen_grads(dy, x, mag_scale, weight, bias, need_dw, need_dbias)
     return dx, dw, dbias, da, db, dmag
 
 
@@ -139,20 +140,21 @@ def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed
 
 @torch.library.custom_op("fused_dora::dora_bwd", mutates_args=())
 def dora_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-             su: Optional[Tensor], q: Optional[Tensor], scale: Tensor, norm: Tensor, scaling: float,
+             su: Optional[Tensor], q: Optional[Tensor], mag_scale: Tensor, norm: Tensor, scaling: float,
              dropout_p: float, seed: Tensor, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool,
              route: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed.
 
     x may be None unless need_da, su None unless need_db, q None unless need_dmag.
     """
-    grads = fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude.dtype, scaling, dropout_p,
-                           int(seed.item()), need_dx, need_da, need_db, need_dmag, route)
+    grads = fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude.dtype, scaling, dropout_p,
+                           int(seed.item()), need_dx=need_dx, need_da=need_da, need_db=need_db, need_dmag=need_dmag,
+                           route=route)
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @dora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, scaling, dropout_p, seed,
+def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, mag_scale, norm, scaling, dropout_p, seed,
       need_dx, need_da, need_db, need_dmag, route):
     empty = dy.new_empty((0,))
     return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else empty,
@@ -177,12 +179,12 @@ def _backward(ctx, dy, _dsu, _dq):
     *saved, seed = ctx.saved_tensors
     magnitude = saved[5]
 
-    def through_op(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+    def through_op(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude_dtype, scaling, dropout_p, seed, *,
                    need_dx, need_da, need_db, need_dmag, route):
         """fused_backward's signature, run as the opaque dora_bwd op (which takes the magnitude
         tensor, not its dtype); the op's empty tensors become None."""
         needs = (need_dx, need_da, need_db, need_dmag)
-        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, scale, norm, scaling, dropout_p, seed,
+        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, mag_scale, norm, scaling, dropout_p, seed,
                          *needs, route)
         return tuple(g if need else None for g, need in zip(grads, needs))
 

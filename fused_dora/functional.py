@@ -15,7 +15,7 @@ import torch
 from . import reference
 from .autograd import FusedDoraFunction, dora_linear_2d, row_norm_op
 from .backend import resolve_backend
-from .composition import draw_dropout_seed, fused_forward, narrow_column_offsets, row_norm
+from .drivers import draw_dropout_seed, fused_forward, narrow_column_offsets, row_norm
 from .routes import check_route, default_route
 from .validation import check_inputs, check_weight_norm_args
 

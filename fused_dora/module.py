@@ -260,15 +260,15 @@ class FusedDoraLinear(nn.Module):
             warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
             return
         w = self.weight
-        scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
+        mag_scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        # rows with scale == 0 cannot be divided back out in unmerge(): keep them verbatim
-        lost = (scale == 0).nonzero().flatten()
+        # rows with mag_scale == 0 cannot be divided back out in unmerge(): keep them verbatim
+        lost = (mag_scale == 0).nonzero().flatten()
         self._merge_state = {
-            "scale": scale, "lost_rows": lost, "lost_values": w[lost].clone(),
+            "mag_scale": mag_scale, "lost_rows": lost, "lost_values": w[lost].clone(),
             "adapters": self._adapter_fingerprint(),
         }
-        w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
+        w.copy_((mag_scale[:, None] * (w.float() + delta)).to(w.dtype))
         self.merged = True
 
     def _unmerged_weight(self) -> torch.Tensor:
@@ -279,8 +279,8 @@ class FusedDoraLinear(nn.Module):
                                "the base weight cannot be recovered from the merged one")
         w = self.weight.detach()
         delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        scale = st["scale"].to(w.device, torch.float32)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        mag_scale = st["mag_scale"].to(w.device, torch.float32)
+        safe = torch.where(mag_scale == 0, torch.ones_like(mag_scale), mag_scale)
         restored = w.float() / safe[:, None] - delta
         restored[st["lost_rows"].to(w.device)] = st["lost_values"].to(w.device).float()
         return restored.to(w.dtype)

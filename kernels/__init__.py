@@ -9,7 +9,7 @@ from ._launch import INTERPRET
 from .norm import dora_row_norm
 from .dropout import dropout_mask
 from .forward import lora_down, dora_forward
-from .backward import lora_up_grad, dora_input_grad
+from .input_grad import lora_up_grad, dora_input_grad
 from .adapter_grads import magnitude_and_B_grads, lora_A_grad
 from .composed import dora_compose_epilogue, add_lora_input_grad
 

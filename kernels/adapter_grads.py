@@ -4,7 +4,7 @@
     dB_raw   = dy.T @ su                         [N, r]  (su = s * u)
     dA_raw   = v.T @ dropout(x)                  [r, K]
 
-The launchers return these raw fp32 sums. The caller (fused_dora.composition.fused_backward)
+The launchers return these raw fp32 sums. The caller (fused_dora.drivers.fused_backward)
 finishes them: dmag = dmag_raw / (t * n), dB = c * dB_raw, dA = s * dA_raw, each cast to its
 parameter's dtype.
 

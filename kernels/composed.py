@@ -1,11 +1,11 @@
 """The light passes of the composed route, around cuBLAS GEMMs that read W in place.
 
-The composed route (fused_dora.composition, route="composed") leaves the two [M, N, K] GEMMs to
+The composed route (fused_dora.drivers, route="composed") leaves the two [M, N, K] GEMMs to
 torch.mm (cuBLAS on a GPU) and fuses only the work around them:
 
     forward   y    = x @ W.T                      torch.mm, written into y's own buffer
               ypre = y + su @ B.T                 dora_compose_epilogue: reads y, r extra K-steps,
-              y    = c * ypre + bias              then the fused GEMM's epilogue (forward.py),
+              y    = c * ypre + bias              then the fused GEMM's epilogue (epilogue.py),
               q    = ypre * t                     y written back in place
     backward  e, v = dy * c, e @ B                backward.lora_up_grad(e_out=...): one pass over dy
               dx   = e @ W                        torch.mm
@@ -21,7 +21,7 @@ import triton.language as tl
 from ._gemm import rank_steps
 from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
 from .dropout import dropout_keep
-from .forward import dora_epilogue
+from .epilogue import dora_epilogue
 
 # Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages. 8 warps
 # for 8K-element tiles and none larger (benchmarks/compile_report.py): with 4 warps, 64 x 128
@@ -103,7 +103,7 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
 
 
 # dx = e @ W + s * dropout_bwd(v @ A): the first term from cuBLAS, the second added here with the
-# forward's mask (regenerated from the seed, as in backward.py's fused GEMM).
+# forward's mask (regenerated from the seed, as in input_grad.py's fused GEMM).
 @autotune(_TILE_GPU_CONFIGS, _TILE_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "HAS_DROPOUT", "PRECISION"],
           smem_bytes=_tile_smem_bytes, case_dtypes=("out_ptr", "lora_ptr"),
           restore_value=("out_ptr",))  # dx += ..., in place

@@ -10,7 +10,7 @@ import torch
 import fused_dora
 import fused_dora.kernels as K
 from fused_dora import FusedDoraLinear, routes
-from fused_dora.composition import draw_dropout_seed
+from fused_dora.drivers import draw_dropout_seed
 from helpers import DEVICE, TOL, assert_close, make_inputs, reference_fp64, rel_err, run
 
 SHAPES = [(1, 45, 53, 1), (37, 45, 53, 3), (50, 70, 33, 21), (29, 40, 70, 64)]  # ragged; r over one rank chunk
@@ -104,7 +104,7 @@ def test_launchers_of_the_composed_passes_vs_fp64():
     q = K.dora_compose_epilogue(y, su, t["lora_B"], t["magnitude"], norm, t["bias"], 1e-12, store_q=True)
     c = t["magnitude"].double() / norm.double()
     assert rel_err(y, c * ypre + t["bias"].double()) < 1e-5
-    assert rel_err(q, ypre * fused_dora.composition.magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
+    assert rel_err(q, ypre * fused_dora.drivers.magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
 
     base = torch.randn(M, Kdim)
     dx = base.clone()

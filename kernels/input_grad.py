@@ -32,19 +32,19 @@ def _up_grad_smem_bytes(a) -> int:
 
 
 @triton.jit
-def load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn):
-    """fp32 tile e = dy[rows, outs] * scale[outs]: the column scale c applied as dy is loaded."""
+def load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn):
+    """fp32 tile e = dy[rows, outs] * mag_scale[outs]: the column mag_scale c applied as dy is loaded."""
     dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
                  mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-    scale = tl.load(scale_ptr + outs, mask=out_ok, other=0.0)
-    return dy.to(tl.float32) * scale[None, :]
+    mag_scale = tl.load(mag_scale_ptr + outs, mask=out_ok, other=0.0)
+    return dy.to(tl.float32) * mag_scale[None, :]
 
 
 @autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_E", "PRECISION"],
           smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
-    dy_ptr, scale_ptr, lora_b_ptr, v_ptr,  # dy [M, N], scale [N] fp32, B [N, R], v [M, R] fp32
+    dy_ptr, mag_scale_ptr, lora_b_ptr, v_ptr,  # dy [M, N], mag_scale [N] fp32, B [N, R], v [M, R] fp32
     e_ptr,                                 # e [M, N] (dy's dtype; if STORE_E)
     M, N, R,
     m_bucket,                              # autotune key only
@@ -68,7 +68,7 @@ def _lora_up_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn)
+        e = load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn)
         if STORE_E:  # for the composed route's cuBLAS e @ W; the first rank chunk's programs write it
             if tl.program_id(1) == 0:
                 tl.store(e_ptr + rows[:, None] * N + outs[None, :], e.to(e_ptr.dtype.element_ty),
@@ -79,12 +79,12 @@ def _lora_up_grad_kernel(
     tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor,
+def lora_up_grad(dy: torch.Tensor, mag_scale: torch.Tensor, lora_B: torch.Tensor,
                  e_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """v [M, r] fp32 = (dy * scale) @ lora_B.
+    """v [M, r] fp32 = (dy * mag_scale) @ lora_B.
 
-    dy [M, N] (any strides, the activation dtype), scale [N] fp32, lora_B [N, r].
-    ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * scale (the
+    dy [M, N] (any strides, the activation dtype), mag_scale [N] fp32, lora_B [N, r].
+    ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * mag_scale (the
     composed route's input to cuBLAS), from the same pass over dy.
     """
     dy = narrow_row_stride(dy)
@@ -95,7 +95,7 @@ def lora_up_grad(dy: torch.Tensor, scale: torch.Tensor, lora_B: torch.Tensor,
     upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_up_grad_kernel[grid](
-        dy, scale, lora_B, v, e_out if e_out is not None else v, M, N, R, m_bucket(M),
+        dy, mag_scale, lora_B, v, e_out if e_out is not None else v, M, N, R, m_bucket(M),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
         STORE_E=e_out is not None, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
@@ -120,7 +120,7 @@ def _input_grad_smem_bytes(a) -> int:
           smem_bytes=_input_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _dora_input_grad_kernel(
-    dy_ptr, scale_ptr, w_ptr,            # dy [M, N], scale [N] fp32 (c), W [N, K] (dy's dtype)
+    dy_ptr, mag_scale_ptr, w_ptr,            # dy [M, N], mag_scale [N] fp32 (c), W [N, K] (dy's dtype)
     v_ptr, lora_a_ptr, dx_ptr,           # v [M, R] fp32, A [R, K], dx [M, K] (dy's dtype)
     M, N, K, R,
     m_bucket,                            # autotune key only
@@ -162,17 +162,17 @@ def _dora_input_grad_kernel(
     for n0 in range(0, N, BLOCK_N):  # base term: (dy * c) @ W, c applied as dy is loaded
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        e = load_scaled_grad(dy_ptr, scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
+        e = load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
         w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=out_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(e, w, acc, input_precision=PRECISION)
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def dora_input_grad(dy, scale, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
-    """dx [M, K] (dy's dtype) = (dy * scale) @ weight + scaling * dropout_bwd(v @ lora_A).
+def dora_input_grad(dy, mag_scale, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
+    """dx [M, K] (dy's dtype) = (dy * mag_scale) @ weight + scaling * dropout_bwd(v @ lora_A).
 
-    dy [M, N] (any strides), scale [N] fp32, weight [N, K] (dy's dtype), v [M, r] fp32
+    dy [M, N] (any strides), mag_scale [N] fp32, weight [N, K] (dy's dtype), v [M, r] fp32
     contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
     """
     dy = narrow_row_stride(dy)
@@ -182,7 +182,7 @@ def dora_input_grad(dy, scale, weight, v, lora_A, scaling: float, dropout_p: flo
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _dora_input_grad_kernel[grid](
-        dy, scale, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
+        dy, mag_scale, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(dy.dtype),

@@ -9,12 +9,13 @@ DoRA work inside) or "composed" (torch.mm, i.e. cuBLAS, with light Triton passes
 Everything else, and what is saved, is the same on both.
 """
 import contextlib
+import functools
 
 import torch
 
 from .backend import load_kernels
 from .reference import NORM_EPS
-from .routes import choose_route
+from .routes import RouteCase, known_route, timed_route
 
 
 def narrow_column_offsets(t: torch.Tensor) -> torch.Tensor:
@@ -50,15 +51,15 @@ def pow2_floor(v: torch.Tensor) -> torch.Tensor:
     return (v.view(torch.int32) & 0x7F800000).view(torch.float32)
 
 
-def magnitude_grad_rescale(scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; scale = c, n = max(norm, eps).
+def magnitude_grad_rescale(mag_scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; mag_scale = c, n = max(norm, eps).
 
     The forward saves q = ypre * t for the magnitude gradient rather than ypre: multiplying by a
     power of two is exact, and |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits wherever
     y is, while ypre = (y - bias) / c overflows fp16 for a small c. The forward's epilogue forms t
-    with the same bits (kernels.forward.magnitude_grad_rescale).
+    with the same bits (kernels.epilogue.magnitude_grad_rescale).
     """
-    t = pow2_floor(scale)
+    t = pow2_floor(mag_scale)
     return torch.where(t > 0, t, pow2_floor(1.0 / n))
 
 
@@ -67,17 +68,56 @@ def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return load_kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
 
 
+def forward_fused(x, weight, su, lora_B, magnitude, norm, bias, store_q: bool, out: torch.Tensor):
+    """Route "fused": one Triton GEMM x @ W.T + su @ B.T with the DoRA epilogue; writes y into
+    ``out`` [M, N]; returns q [M, N] (store_q) or None."""
+    k = load_kernels()
+    return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
+
+
+def forward_composed(x, weight, su, lora_B, magnitude, norm, bias, store_q: bool, out: torch.Tensor):
+    """Route "composed": torch.mm writes x @ W.T into ``out`` [M, N], then one Triton pass adds
+    su @ B.T and applies the same epilogue in place; returns q [M, N] (store_q) or None."""
+    k = load_kernels()
+    with no_autocast(x.device):  # dora_linear already applied autocast's dtype
+        torch.mm(x, weight.t(), out=out)
+    return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
+
+
+def input_grad_fused(dy, mag_scale, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Route "fused": (v, dx), v = (dy * c) @ B [M, r] fp32 by one row pass, then one Triton GEMM
+    dx = (dy * c) @ W + s * dropout_bwd(v @ A)."""
+    k = load_kernels()
+    v = k.lora_up_grad(dy, mag_scale, lora_B)
+    return v, k.dora_input_grad(dy, mag_scale, weight, v, lora_A, scaling, dropout_p, seed)
+
+
+def input_grad_composed(dy, mag_scale, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Route "composed": (v, dx); the row pass that forms v also writes e = dy * c, torch.mm forms
+    e @ W, and one Triton pass adds s * dropout_bwd(v @ A) in place."""
+    k = load_kernels()
+    e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    v = k.lora_up_grad(dy, mag_scale, lora_B, e_out=e)
+    with no_autocast(dy.device):  # a backward inherits the forward's autocast
+        dx = torch.mm(e, weight)
+    k.add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
+    return v, dx
+
+
+FORWARD_ROUTES = {"fused": forward_fused, "composed": forward_composed}
+INPUT_GRAD_ROUTES = {"fused": input_grad_fused, "composed": input_grad_composed}
+
+
 def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, out_shape=None,
                   route="fused"):
-    """The fused forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None).
+    """The forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None).
 
     y has ``out_shape`` (default [M, N]; any shape of M * N elements, so that a caller can
     return y itself rather than a view of it). su = scaling * dropout(x) @ lora_A.T (in
     lora_A's dtype, rounded once, as PEFT rounds lora_A's output) and q = (x @ W.T + su @ B.T) * t
     (x's dtype; t per column, see magnitude_grad_rescale) are what the backward reads; q only
     with ``store_q`` (for the magnitude gradient). ``route`` ("fused", "composed" or "auto", see
-    fused_dora.routes): lora_down, then either the Triton GEMM that also forms c = magnitude /
-    norm in its epilogue, or torch.mm for x @ W.T and one Triton pass for the rest.
+    fused_dora.routes): lora_down, then `forward_fused` or `forward_composed`.
     """
     k = load_kernels()
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
@@ -86,30 +126,24 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
         su = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
         return y, su, (x.new_empty((0, N)) if store_q else None)
     su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
-
-    def run(route, out):
-        """(q or None); out [M, N] receives y."""
-        if route == "composed":
-            with no_autocast(x.device):  # dora_linear already applied autocast's dtype
-                torch.mm(x, weight.t(), out=out)
-            return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
-        return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
-
-    route = choose_route(route, ("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0,
-                                 store_q), lambda r: run(r, torch.empty((M, N), dtype=x.dtype, device=x.device)),
-                         x.device)
-    return y, su, run(route, y.view(M, N))
+    args = (x, weight, su, lora_B, magnitude, norm, bias, store_q)
+    case = RouteCase("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0, store_q)
+    chosen = known_route(route, case)
+    if chosen is None:  # "auto" has not timed this case yet: each route writes to a scratch y
+        chosen = timed_route(case, {name: functools.partial(body, *args, out=torch.empty((M, N), dtype=x.dtype,
+                                                                                           device=x.device))
+                                    for name, body in FORWARD_ROUTES.items()})
+    return y, su, FORWARD_ROUTES[chosen](*args, out=y.view(M, N))
 
 
-def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_dtype, scaling, dropout_p, seed,
-                   need_dx, need_da, need_db, need_dmag, route="fused"):
-    """The fused backward: (dx, dA, dB, dmagnitude), None where not needed.
+def fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+                   *, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool, route: str = "fused"):
+    """The backward: (dx, dA, dB, dmagnitude), None where not needed.
 
-    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); scale [N] fp32,
-    the forward's c = magnitude / max(norm, eps), and norm [N]. Gradients come in their
-    parameters' dtypes. ``route`` (see fused_dora.routes) decides how dx is formed: one Triton
-    GEMM, or torch.mm over e = dy * c (written by the pass that forms v) and a Triton pass adding
-    the LoRA term; dA, dB and dmagnitude are computed alike on both.
+    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); mag_scale [N]
+    fp32, the forward's c = magnitude / max(norm, eps), and norm [N]. Gradients come in their
+    parameters' dtypes. ``route`` (see fused_dora.routes) decides how dx is formed:
+    `input_grad_fused` or `input_grad_composed`; dA, dB and dmagnitude are computed alike on both.
     """
     k = load_kernels()
     M, N = dy.shape
@@ -121,41 +155,33 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, scale, norm, magnitude_
         dmag = torch.zeros(N, dtype=magnitude_dtype, device=dy.device) if need_dmag else None
         return dx, da, dbb, dmag
     if need_dx:
-        def run(route):
-            """(v, dx): v = (dy * c) @ B and dx = (dy * c) @ W + s * dropout_bwd(v @ A)."""
-            if route == "composed":
-                e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-                v = k.lora_up_grad(dy, scale, lora_B, e_out=e)
-                with no_autocast(dy.device):  # a backward inherits the forward's autocast
-                    dx = torch.mm(e, weight)
-                k.add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
-                return v, dx
-            v = k.lora_up_grad(dy, scale, lora_B)
-            return v, k.dora_input_grad(dy, scale, weight, v, lora_A, scaling, dropout_p, seed)
-
-        route = choose_route(route, ("backward", dy.device, dy.dtype, lora_A.dtype, M, N, weight.shape[1],
-                                     lora_A.shape[0], dropout_p > 0, True),
-                             run, dy.device)
-        v, dx = run(route)
+        args = (dy, mag_scale, weight, lora_A, lora_B, scaling, dropout_p, seed)
+        case = RouteCase("backward", dy.device, dy.dtype, lora_A.dtype, M, N, weight.shape[1], lora_A.shape[0],
+                         dropout_p > 0)
+        chosen = known_route(route, case)
+        if chosen is None:  # "auto" has not timed this case yet
+            chosen = timed_route(case, {name: functools.partial(body, *args)
+                                        for name, body in INPUT_GRAD_ROUTES.items()})
+        v, dx = INPUT_GRAD_ROUTES[chosen](*args)
     elif need_da:
-        v = k.lora_up_grad(dy, scale, lora_B)  # v = (dy * c) @ B
+        v = k.lora_up_grad(dy, mag_scale, lora_B)  # v = (dy * c) @ B
     if need_da:  # dA = s * v.T @ dropout(x)
         da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
     if need_dmag or need_db:
         dmag_raw, db_raw = k.magnitude_and_B_grads(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
         if need_dmag:  # dmagnitude = sum(dy * ypre) / n, with q = ypre * t
             n = norm.float().clamp_min(NORM_EPS)
-            dmag = (dmag_raw / (magnitude_grad_rescale(scale, n) * n)).to(magnitude_dtype)
+            dmag = (dmag_raw / (magnitude_grad_rescale(mag_scale, n) * n)).to(magnitude_dtype)
         if need_db:  # dB = c * dy.T @ su (su already carries the scaling)
-            dbb = (scale[:, None] * db_raw).to(lora_B.dtype)
+            dbb = (mag_scale[:, None] * db_raw).to(lora_B.dtype)
     return dx, da, dbb, dmag
 
 
-def frozen_grads(dy, x, scale, weight, bias, need_dw, need_dbias):
+def frozen_grads(dy, x, mag_scale, weight, bias, need_dw, need_dbias):
     """Gradients of the frozen weight [N, K] and bias [N], for callers who train them anyway.
 
     Plain PyTorch (not fused), norm detached like everywhere else: dW = (dy * c).T @ x.
     """
-    dw = ((dy.float() * scale).T @ x.float()).to(weight.dtype) if need_dw else None
+    dw = ((dy.float() * mag_scale).T @ x.float()).to(weight.dtype) if need_dw else None
     dbias = dy.float().sum(0).to(bias.dtype) if (need_dbias and bias is not None) else None
     return dw, dbias
