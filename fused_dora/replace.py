@@ -22,7 +22,8 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from .module import FusedDoraLinear, check_adapter_hparams
+from .module import FusedDoraLinear
+from .validation import check_adapter_hparams
 
 # PEFT's shorthand: every nn.Linear except the output layer (and, here, those whose weight torch
 # reads directly: see _read_directly)

@@ -19,14 +19,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..backend import BACKENDS, FusedDoraWarning, reference_reason
+from ..backend import FusedDoraWarning, reference_reason
 from ..routes import check_route, route_name
 from ..functional import dora_linear
 from ..norm_cache import NormCache
+from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
 
-DROPOUT_SEMANTICS = ("fused", "peft")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -208,7 +208,7 @@ class _FusedForward(_LayerBound):
         training = layer.training and dropout.training
         self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight,
                                                       (x, bias, lora_A, lora_B, magnitude))
-        norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
+        norm = self._norm_cache.for_forward(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm,
                            route=self.route)
@@ -261,10 +261,8 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
     passed to :func:`fused_dora.dora_linear` ("auto", "triton" or "reference"), and so is
     ``route`` ("fused", "composed", "auto"; None: FUSED_DORA_ROUTE, else "auto").
     """
-    if dropout_semantics not in DROPOUT_SEMANTICS:
-        raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_dropout_semantics(dropout_semantics)
+    check_backend(backend)
     if route is not None:
         check_route(route)
     _check_model(model)
