@@ -282,7 +282,8 @@ def _tile(row):
     return "x".join(str(v) for v in row["blocks"].values())
 
 
-def markdown(target_name: str, rows, seconds: float) -> str:
+def markdown(target_name: str, rows, seconds: float, with_rows: bool = False) -> str:
+    """The report: header, per-kernel summary and the problems; ``with_rows`` adds every row."""
     target, max_smem, gpus = TARGETS[target_name]
     budget = smem_budget(max_smem)
     out = [
@@ -322,7 +323,10 @@ def markdown(target_name: str, rows, seconds: float) -> str:
             for r, p in failing] or ["None: no compile error, no spill in a pickable config, every estimate an "
                                      "upper bound" + (", wgmma in every large GEMM tile." if target_name == "sm_90"
                                                       else ".")]
-    for name in TUNED_KERNELS:
+    if not with_rows:
+        out += ["", "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
+                "(Triton's cache makes a re-run quick once a target was compiled)."]
+    for name in TUNED_KERNELS if with_rows else ():
         mine = [r for r in rows if r["kernel"] == name]
         if not mine:
             continue
@@ -406,6 +410,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--out", help="also write the markdown here; {target} in the path is replaced by each target")
     ap.add_argument("--json", help="write the rows as JSON here ({target: rows})")
+    ap.add_argument("--rows", action="store_true", help="add every kernel x config x case row to the markdown "
+                    "(the committed reports hold the summary and problems only)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a row has a problem (see problems())")
     ap.add_argument("--write-spills", action="store_true",
                     help=f"rewrite {SPILLS_FILE.relative_to(ROOT)} from these targets' spilling configs (full subset)")
@@ -422,7 +428,7 @@ def main(argv=None) -> int:
                 print(f"[{target_name}] compiled {done}/{total}", file=sys.stderr, flush=True)
 
         rows, seconds = report(target_name, opts.subset, opts.jobs, kernels, progress)
-        text = markdown(target_name, rows, seconds)
+        text = markdown(target_name, rows, seconds, with_rows=opts.rows)
         print(text)
         if opts.out:
             Path(opts.out.format(target=target_name.replace("_", ""))).write_text(text)
