@@ -113,3 +113,20 @@ def trainer_args(config_cls, output_dir, **overrides):
 
 def logged_losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def pow2_floor(v: torch.Tensor) -> torch.Tensor:
+    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
+    return (v.view(torch.int32) & 0x7F800000).view(torch.float32)
+
+
+def magnitude_grad_rescale(mag_scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; mag_scale = c, n = max(norm, eps).
+
+    The forward saves q = ypre * t for the magnitude gradient rather than ypre: multiplying by a
+    power of two is exact, and |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits wherever
+    y is, while ypre = (y - bias) / c overflows fp16 for a small c. The forward's epilogue forms t
+    with the same bits (kernels.epilogue.magnitude_grad_rescale); this is its plain statement.
+    """
+    t = pow2_floor(mag_scale)
+    return torch.where(t > 0, t, pow2_floor(1.0 / n))

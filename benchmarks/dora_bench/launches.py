@@ -21,6 +21,8 @@ from typing import Dict, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+H100_SMS = 132
+
 # aten ops that put no work on the stream: allocations (and their meta-only bookkeeping)
 _NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense",
               "lift_fresh", "detach", "alias", "_to_copy_meta"}
@@ -69,8 +71,9 @@ def _triton_recorded(current: list):
     meta tensors pass the backend's checks as CUDA tensors would."""
     from fused_dora import backend
 
-    tuned_kernels = backend.load_kernels()._launch.TUNED_KERNELS
-    real_unavailable = backend._unavailable
+    kernels = backend.load_kernels()
+    tuned_kernels = kernels._launch.TUNED_KERNELS
+    real_unavailable, real_num_sms = backend._unavailable, kernels._launch.num_sms
 
     def meta_is_a_gpu(device, dtype, weight):
         return None if device.type == "meta" else real_unavailable(device, dtype, weight)
@@ -81,12 +84,14 @@ def _triton_recorded(current: list):
         return run
 
     backend._unavailable = meta_is_a_gpu
+    kernels._launch.num_sms = lambda device: H100_SMS  # grids and reduction splits sized for a GPU
     for name, tuned in tuned_kernels.items():
         tuned.kernel.run = record(name)
     try:
         yield
     finally:
         backend._unavailable = real_unavailable
+        kernels._launch.num_sms = real_num_sms
         for tuned in tuned_kernels.values():
             del tuned.kernel.run
 
@@ -95,13 +100,15 @@ def count_launches(M: int = 4096, N: int = 4096, K: int = 4096, r: int = 16, *, 
                    dropout: float = 0.0, x_dtype: torch.dtype = torch.bfloat16,
                    adapter_dtype: torch.dtype = torch.float32, route: str = "fused",
                    norm_cached: bool = True) -> Dict[str, LaunchCounts]:
-    """{"forward": counts[, "backward": counts]} for one FusedDoraLinear call of [M, K] -> [M, N].
+    """{"forward": counts[, "backward": counts]} for one FusedDoraLinear call of [M, K] -> [M, N]
+    on a 132-SM GPU.
 
     ``training``: a training step (the norm is computed in the forward; dx and every adapter
     gradient in the backward); else an inference forward under no_grad, with the layer's norm
-    already cached (``norm_cached=False``: a first call, which computes it).
+    already cached (``norm_cached=False``: ``dora_linear`` called without a norm, which the
+    forward computes; a layer's first eval call instead caches a norm from its own pass).
     """
-    from fused_dora import FusedDoraLinear
+    from fused_dora import FusedDoraLinear, dora_linear
 
     layer = FusedDoraLinear(K, N, r=r, lora_alpha=2 * r, lora_dropout=dropout, device="meta", dtype=x_dtype,
                             adapter_dtype=adapter_dtype, backend="triton", route=route).train(training)
@@ -114,7 +121,11 @@ def count_launches(M: int = 4096, N: int = 4096, K: int = 4096, r: int = 16, *, 
                 layer(x)  # fills the norm cache: not counted
         current[0] = out["forward"] = LaunchCounts()
         with _CountOps(current[0]), torch.set_grad_enabled(training):
-            y = layer(x)
+            if training or norm_cached:
+                y = layer(x)
+            else:
+                y = dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.magnitude,
+                                layer.scaling, backend="triton", route=route)
         if training:
             current[0] = out["backward"] = LaunchCounts()
             dy = torch.empty_like(y)
