@@ -47,7 +47,7 @@ def _import_peft_classes():
         raise ImportError("fused_dora.integrations.peft needs peft: pip install 'fused_dora[peft]'") from exc
     try:
         from peft.tuners.lora.variants import DoraLinearVariant
-    except ImportError:  # PEFT before LoRA variants (< 0.15) dispatched DoRA on use_dora alone
+    except ImportError:  # PEFT before LoRA variants (< 0.16) dispatched DoRA on use_dora alone
         DoraLinearVariant = None
     return lora_layer, DoraLinearLayer, DoraLinearVariant
 
