@@ -241,11 +241,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     = the adapted modules' full names, and r / lora_alpha / use_rslora / lora_dropout;
     per-layer ranks or alphas that differ from the most common one go to rank_pattern /
     alpha_pattern, keyed to match exactly that module in every PEFT; PEFT < 0.15 cannot match a
-    top-level module's key, which is warned) and ``adapter_model.safetensors`` (keys as in the module docstring). Load it
-    with ``peft.PeftModel.from_pretrained(base_model, path)`` on the original (unreplaced) model,
-    or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``. ``base_model_name_or_path``
-    and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a transformers model knows:
-    its ``config._name_or_path`` and its class (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...).
+    top-level module's key, which is warned) and ``adapter_model.safetensors`` (keys as in the
+    module docstring). Load it with ``peft.PeftModel.from_pretrained(base_model, path)`` on the
+    original (unreplaced) model, or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``.
+    ``base_model_name_or_path`` and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a
+    transformers model knows: its ``config._name_or_path`` and its class (``...ForCausalLM`` ->
+    ``"CAUSAL_LM"``, ...).
     """
     peft = _import_peft()
     from safetensors.torch import save_file
