@@ -395,3 +395,25 @@ def test_status_counts_and_repr():
     model.base_model.enable_adapter_layers()
     disable_fused_dora(model)
     assert "fused_dora" not in repr(lin)
+
+
+def test_peft_before_dora_layer_modules_is_refused(monkeypatch):
+    """PEFT < 0.12 kept the magnitudes in a ParameterDict, without peft.tuners.lora.dora: nothing is
+    switched, the warning and the status say why, and the model computes what PEFT computes."""
+    import re
+    import sys
+
+    import fused_dora.integrations.peft as integration
+
+    model = tiny_mixed_peft(["lin", "out"]).eval()
+    ids = tiny_ids()
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setattr(integration, "_PEFT_CLASSES", None)
+    monkeypatch.setitem(sys.modules, "peft.tuners.lora.dora", None)  # importing it fails, as in PEFT 0.11
+    reason = f"PEFT {peft.__version__} is not served (no DoraLinearLayer"
+    with pytest.warns(FusedDoraWarning, match=re.escape(reason)):
+        assert enable_fused_dora(model) == 0
+    assert all(v.startswith("not switched: " + reason) for v in fused_dora_status(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)
