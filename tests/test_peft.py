@@ -206,9 +206,9 @@ def tiny_ids():
 
 
 def test_unsupported_layers_are_reported_and_fall_back(kernel_calls, caplog):
-    # PEFT builds DoRA on an Embedding from 0.13 on, LoRA on an nn.Conv1d from 0.15 on
+    # PEFT builds DoRA on an Embedding from 0.13 on, on an nn.Conv1d from 0.16 on
     unserved = ["c1d"] + ["emb"] * hasattr(peft.tuners.lora.dora, "DoraEmbeddingLayer") \
-        + ["conv"] * hasattr(peft.tuners.lora.layer, "Conv1d")
+        + ["conv"] * hasattr(peft.tuners.lora.dora, "DoraConv1dLayer")
     total = len(unserved) + 2
     model = tiny_mixed_peft(unserved + ["lin", "out"]).eval()
     ids = tiny_ids()
