@@ -2,7 +2,7 @@
 # The oldest PEFT, transformers and TRL that pyproject.toml declares, against the tests that touch
 # them, in a fresh venv on a machine without a GPU (tests/conftest.py sets TRITON_INTERPRET=1).
 # The newest versions are what .ci/run installs. Bounds are read from pyproject.toml, so the
-# script and the declared bounds cannot drift apart. Measured: 17 min of wall time, 6.5 min of CPU
+# script and the declared bounds cannot drift apart. Measured: 16-17 min of wall time, 6.5 min of CPU
 # time (installs included), on a shared 2-core machine under heavy load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
