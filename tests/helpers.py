@@ -103,10 +103,11 @@ def trainer_data(n=10, t=12, seed=3):
 
 def trainer_args(config_cls, output_dir, **overrides):
     """5 fp32 CPU steps of 2 rows, a loss logged every step, nothing saved or reported; the
-    optimizer is the trainer's default (adamw_torch_fused)."""
+    optimizer is adamw_torch_fused (the trainer's default in recent transformers, named here for
+    older ones, whose default was adamw_torch): its steps bump no version counters."""
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=5, learning_rate=1e-2,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                  bf16=False)
+                  bf16=False, optim="adamw_torch_fused")
     kwargs.update(overrides)
     return config_cls(**kwargs)
 
