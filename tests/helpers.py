@@ -103,7 +103,7 @@ def trainer_data(n=10, t=12, seed=3):
 
 def trainer_args(config_cls, output_dir, **overrides):
     """5 fp32 CPU steps of 2 rows, a loss logged every step, nothing saved or reported; the
-    optimizer is the trainer's default (adamw_torch_fused)."""
+    optimizer is the trainer's default (adamw_torch_fused from torch 2.8 on, adamw_torch before)."""
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=5, learning_rate=1e-2,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
                   bf16=False)

@@ -1,5 +1,5 @@
 """FusedDoraCallback: one line for transformers' Trainer and TRL's SFTTrainer (which builds the PEFT
-model itself). 5 steps with the trainers' default optimizer (adamw_torch_fused), fp32, CPU: the
+model itself). 5 steps with the trainers' default optimizer (adamw_torch_fused from torch 2.8 on), fp32, CPU: the
 losses and adapters equal the same runs without fused_dora."""
 import logging
 
