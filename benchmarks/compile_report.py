@@ -9,7 +9,7 @@ Every autotuned kernel x every GPU config x the dtype combinations the API accep
 fp16 / bf16 / fp32; adapters fp32 or the activation dtype) x r in {16, 384} x dropout on / off
 where the kernel has that switch (the forward epilogues: training, which also stores q, and
 inference; lora_up_grad: e = dy * c also stored, for the composed route's torch.mm, or not).
-fused_dora's own composition of the launchers runs on meta tensors, on both routes (fused: the
+fused_dora's own drivers of the launchers run on meta tensors, on both routes (fused: the
 Triton GEMMs; composed: torch.mm with the passes of kernels/composed.py), with each kernel's
 launch captured instead of executed, so the arguments (block sizes, precisions, upcasts,
 specialisations) are the ones a GPU run would pass; each config is then compiled through
@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fused_dora import composition  # noqa: E402
+from fused_dora import drivers  # noqa: E402
 from fused_dora.backend import load_kernels  # noqa: E402
 
 
@@ -82,6 +82,7 @@ def _this_checkouts_kernels() -> None:
 
 _this_checkouts_kernels()
 load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
+from fused_dora.kernels import _launch  # noqa: E402
 from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
                                         smem_budget, spill_case)
 
@@ -144,10 +145,10 @@ def _record(calls, name, *args, grid, warmup, **kwargs):
     calls.append((name, args, kwargs))
 
 
-def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
+def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 132):
     """[(kernel name, args, kwargs)] of every autotuned launch of one training step, on both routes.
 
-    fused_dora's own composition of the launchers (the norm, the forward, the backward with every
+    fused_dora's own drivers of the launchers (the norm, the forward, the backward with every
     gradient; route "fused", then route "composed", whose torch.mm works on meta tensors too) runs
     on meta tensors; each kernel's launch is recorded instead of run.
     """
@@ -161,18 +162,21 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
     mag = torch.empty(N, dtype=adapter_dtype, device=meta)
     dy = torch.empty(M, N, dtype=x_dtype, device=meta)
     calls = []
+    real_num_sms = _launch.num_sms
+    _launch.num_sms = lambda device: sms
     for name, tuned in TUNED_KERNELS.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
-        norm = composition.row_norm(w, a, b, s)
-        scale = torch.empty(N, dtype=torch.float32, device=meta)
+        norm = drivers.row_norm(w, a, b, s)  # the norm pass finishing its rows itself, then (eval) cached
         for route in ("fused", "composed"):
-            if not dropout:  # inference: no q stored
-                composition.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
-            _, su, q = composition.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True, route=route)
-            composition.fused_backward(dy, x, w, a, b, su, q, scale, norm, mag.dtype, s, p, seed, True, True, True,
-                                       True, route=route)
+            if not dropout:  # inference with the cached norm: no q stored
+                drivers.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
+            # training: the norm's partial sums, finished by the GEMM's epilogue
+            _, su, q, norm = drivers.fused_forward(x, w, bias, a, b, mag, None, s, p, seed, True, route=route)
+            drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=True, need_da=True,
+                                   need_db=True, need_dmag=True, route=route)
     finally:
+        _launch.num_sms = real_num_sms
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run
     return calls
@@ -190,10 +194,14 @@ def build_jobs(target_name: str, cases):
     driver.set_active(TargetDriver(target))  # launchers may choose arguments by the GPU's architecture
     rows, jobs, seen = [], {}, set()
     for xd, ad, r, dropout in cases:
-        for name, args, kwargs in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout):
+        launches = [call for sms in (132, 1) for call in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout, sms)]
+        for name, args, kwargs in launches:
             tuned = TUNED_KERNELS[name]
             arg_map = {**dict(zip(tuned.kernel.arg_names, args)), **kwargs}
-            switch = case_variant(kwargs)
+            # the forward epilogues finishing the norm's partial sums: one slice or several (the loads
+            # are unrolled), compiled apart; the spill table keeps their union under one case
+            splits = kwargs.get("NORM_SPLITS", 0)
+            switch = case_variant(kwargs) + ("" if not splits else " 1-norm-split" if splits == 1 else " norm-splits")
             if (name, xd, ad, r, switch) in seen:
                 continue
             seen.add((name, xd, ad, r, switch))
@@ -312,7 +320,8 @@ def _tile(row):
     return "x".join(str(v) for v in row["blocks"].values())
 
 
-def markdown(target_name: str, rows, seconds: float) -> str:
+def markdown(target_name: str, rows, seconds: float, with_rows: bool = False) -> str:
+    """The report: header, per-kernel summary and the problems; ``with_rows`` adds every row."""
     target, max_smem, gpus = TARGETS[target_name]
     budget = smem_budget(max_smem)
     out = [
@@ -352,7 +361,10 @@ def markdown(target_name: str, rows, seconds: float) -> str:
             for r, p in failing] or ["None: no compile error, no spill in a pickable config, every estimate an "
                                      "upper bound" + (", wgmma in every large GEMM tile." if target_name == "sm_90"
                                                       else ".")]
-    for name in TUNED_KERNELS:
+    if not with_rows:
+        out += ["", "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
+                "(Triton's cache makes a re-run quick once a target was compiled)."]
+    for name in TUNED_KERNELS if with_rows else ():
         mine = [r for r in rows if r["kernel"] == name]
         if not mine:
             continue
@@ -436,6 +448,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--out", help="also write the markdown here; {target} in the path is replaced by each target")
     ap.add_argument("--json", help="write the rows as JSON here ({target: rows})")
+    ap.add_argument("--rows", action="store_true", help="add every kernel x config x case row to the markdown "
+                    "(the committed reports hold the summary and problems only)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a row has a problem (see problems())")
     ap.add_argument("--write-spills", action="store_true",
                     help=f"rewrite {SPILLS_FILE.relative_to(ROOT)} from these targets' spilling configs (full subset)")
@@ -452,7 +466,7 @@ def main(argv=None) -> int:
                 print(f"[{target_name}] compiled {done}/{total}", file=sys.stderr, flush=True)
 
         rows, seconds = report(target_name, opts.subset, opts.jobs, kernels, progress)
-        text = markdown(target_name, rows, seconds)
+        text = markdown(target_name, rows, seconds, with_rows=opts.rows)
         print(text)
         if opts.out:
             Path(opts.out.format(target=target_name.replace("_", ""))).write_text(text)

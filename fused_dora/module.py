@@ -8,37 +8,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import BACKENDS
 from .functional import dora_linear
 from .norm_cache import NormCache
 from .reference import magnitude_scale
 from .routes import check_route, route_name
+from .validation import check_adapter_hparams, check_backend, check_positive_int
 
 
 def _default_adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     # as PEFT does by default: adapters of a half-precision base are kept in fp32
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def check_adapter_hparams(r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
-    """TypeError for a wrong type, ValueError for a wrong value, naming the argument."""
-    _check_positive_int("r", r)
-    for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not 0.0 <= float(lora_dropout) < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-    if not math.isfinite(float(lora_alpha)):
-        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
-    if not isinstance(use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
 
 
 def _save_unmerged_weight(module, state_dict, prefix, local_metadata):
@@ -108,11 +87,10 @@ class FusedDoraLinear(nn.Module):
         route: Optional[str] = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         check_adapter_hparams(r, lora_alpha, lora_dropout, use_rslora)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if route is not None:
             check_route(route)
         dtype = dtype if dtype is not None else torch.get_default_dtype()
@@ -234,7 +212,8 @@ class FusedDoraLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return dora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.magnitude, self.scaling,
-            dropout_p=self.lora_dropout, training=self.training, backend=self.backend, norm=self.weight_norm(),
+            dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+            norm=self._norm_cache.for_forward(self.weight, self.lora_A, self.lora_B, self.scaling, self.backend),
             route=getattr(self, "route", None),  # layers pickled before routes existed have none
         )
 
@@ -260,15 +239,15 @@ class FusedDoraLinear(nn.Module):
             warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
             return
         w = self.weight
-        scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
+        mag_scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
         delta = self.scaling * (self.lora_B.float() @ self.lora_A.float())
-        # rows with scale == 0 cannot be divided back out in unmerge(): keep them verbatim
-        lost = (scale == 0).nonzero().flatten()
+        # rows with mag_scale == 0 cannot be divided back out in unmerge(): keep them verbatim
+        lost = (mag_scale == 0).nonzero().flatten()
         self._merge_state = {
-            "scale": scale, "lost_rows": lost, "lost_values": w[lost].clone(),
+            "mag_scale": mag_scale, "lost_rows": lost, "lost_values": w[lost].clone(),
             "adapters": self._adapter_fingerprint(),
         }
-        w.copy_((scale[:, None] * (w.float() + delta)).to(w.dtype))
+        w.copy_((mag_scale[:, None] * (w.float() + delta)).to(w.dtype))
         self.merged = True
 
     def _unmerged_weight(self) -> torch.Tensor:
@@ -279,8 +258,8 @@ class FusedDoraLinear(nn.Module):
                                "the base weight cannot be recovered from the merged one")
         w = self.weight.detach()
         delta = self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-        scale = st["scale"].to(w.device, torch.float32)
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        mag_scale = st["mag_scale"].to(w.device, torch.float32)
+        safe = torch.where(mag_scale == 0, torch.ones_like(mag_scale), mag_scale)
         restored = w.float() / safe[:, None] - delta
         restored[st["lost_rows"].to(w.device)] = st["lost_values"].to(w.device).float()
         return restored.to(w.dtype)

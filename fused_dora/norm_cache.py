@@ -92,6 +92,19 @@ class NormCache:
             self._entry = (key, tuple(weakref.ref(t) for t in tensors), norm)
         return norm
 
+    def for_forward(self, weight, lora_A, lora_B, scaling: float, backend: str = "auto", tag=None):
+        """The norm for a forward that passes it to :func:`fused_dora.dora_linear`, or None where
+        dora_linear computes it itself (a training call, or while torch.compile or a torch.func
+        transform traces): then the call checks its arguments and picks its backend once, not
+        once for the norm and again for the layer. A training call drops the cached norm, as
+        ``get`` does."""
+        if torch.compiler.is_compiling() or functorch_active():
+            return None
+        if is_training_call(weight, lora_A, lora_B):
+            self._entry = None
+            return None
+        return self.get(weight, lora_A, lora_B, scaling, backend, tag)
+
     def _lookup(self, key, tensors, inference: bool) -> Optional[torch.Tensor]:
         if self._entry is None:
             return None

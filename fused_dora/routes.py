@@ -2,7 +2,7 @@
 
     "fused"     the forward GEMM x @ W.T + su @ B.T and the input-gradient GEMM (dy * c) @ W
                 + s * dropout_bwd(v @ A) are Triton kernels with the DoRA work in their
-                prologues / epilogues (kernels/forward.py, kernels/backward.py)
+                prologues / epilogues (kernels/forward.py, kernels/input_grad.py)
     "composed"  torch.mm (cuBLAS) does x @ W.T and e @ W, reading W in place; Triton passes
                 around it add the LoRA terms, scale, add the bias (kernels/composed.py)
     "auto"      the faster of the two, timed on first use per GPU, dtypes, shape bucket and
@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
@@ -43,9 +43,44 @@ RouteTimer = Callable[[Dict[str, Callable[[], object]], torch.device], Optional[
 
 _choices: Dict[str, str] = {}  # key -> route, this process's (and the disk cache's) choices
 _disk_loaded: Optional[str] = None  # the cache file read into _choices
-_keys: Dict[tuple, str] = {}  # (key_args with M bucketed, TF32 switch) -> route_key(*key_args): per-call cost
+_keys: Dict[tuple, str] = {}  # (case with M bucketed, TF32 switch) -> case.key(): formatted once per case
 _lock = threading.Lock()
 _timer: Optional[RouteTimer] = None
+
+
+class RouteCase(NamedTuple):
+    """What one choice of "auto" depends on: a forward or a backward (dx) call of these dtypes and
+    sizes. (A NamedTuple rather than a dataclass: one is built on every call, and tuples build
+    and hash at C speed.)"""
+    direction: str                # "forward" (x @ W.T and the epilogue) or "backward" (dx)
+    device: torch.device
+    x_dtype: torch.dtype          # the activations'
+    adapter_dtype: torch.dtype
+    M: int                        # tokens (bucketed to a power of two in the key)
+    N: int                        # out_features
+    K: int                        # in_features
+    R: int                        # rank
+    dropout: bool                 # dropout active on the LoRA path
+    store_q: bool = False         # forward: training (q stored for dmagnitude) or inference
+
+    def key(self) -> str:
+        """The cache key, e.g. "forward NVIDIA_H100 bfloat16/float32 M4096 N4096 K4096 r16 dropout
+        training". fp32 activations also record torch's TF32 switch, which changes both routes' GEMMs."""
+        kind = ("training" if self.store_q else "inference") if self.direction == "forward" else "dx"
+        x_name = _dtype_name(self.x_dtype)
+        if self.x_dtype == torch.float32:
+            x_name += "-tf32" if torch.backends.cuda.matmul.allow_tf32 else "-ieee"
+        return (f"{self.direction} {_device_name(self.device)} {x_name}/{_dtype_name(self.adapter_dtype)} "
+                f"M{_bucket(self.M)} N{self.N} K{self.K} r{self.R} {'dropout' if self.dropout else 'no-dropout'} "
+                f"{kind}")
+
+    def untimed_reason(self) -> Optional[str]:
+        """Why "auto" takes "fused" for this case without timing (and without caching), or None."""
+        if self.x_dtype == torch.float16:
+            return "fp16 activations (the composed route would round x @ W.T to fp16 before the scale)"
+        if torch.are_deterministic_algorithms_enabled():
+            return "torch.use_deterministic_algorithms is on"
+        return None
 
 
 def default_route() -> str:
@@ -109,28 +144,6 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def route_key(direction: str, device: torch.device, x_dtype, adapter_dtype, M: int, N: int, K: int, R: int,
-              dropout: bool, variant: bool) -> str:
-    """The cache key of one choice, e.g. "forward NVIDIA_H100 bfloat16/float32 M4096 N4096 K4096 r16
-    dropout training". ``variant``: the forward stores q (training), the backward needs dx. fp32
-    activations also record torch's TF32 switch, which changes both routes' GEMMs."""
-    kind = ("training" if variant else "inference") if direction == "forward" else ("dx" if variant else "no-dx")
-    x_name = _dtype_name(x_dtype)
-    if x_dtype == torch.float32:
-        x_name += "-tf32" if torch.backends.cuda.matmul.allow_tf32 else "-ieee"
-    return (f"{direction} {_device_name(device)} {x_name}/{_dtype_name(adapter_dtype)} "
-            f"M{_bucket(M)} N{N} K{K} r{R} {'dropout' if dropout else 'no-dropout'} {kind}")
-
-
-def untimed_reason(key_args: tuple) -> Optional[str]:
-    """Why "auto" takes "fused" for route_key(*key_args) without timing (and without caching), or None."""
-    if key_args[2] == torch.float16:
-        return "fp16 activations (the composed route would round x @ W.T to fp16 before the scale)"
-    if torch.are_deterministic_algorithms_enabled():
-        return "torch.use_deterministic_algorithms is on"
-    return None
-
-
 def _capturing(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
@@ -138,54 +151,64 @@ def _capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
-def _key(key_args: tuple) -> str:
-    """route_key(*key_args), formatted once per case rather than on every call."""
-    memo = key_args[:4] + (_bucket(key_args[4]),) + key_args[5:] + (torch.backends.cuda.matmul.allow_tf32,)
+def _key(case: RouteCase) -> str:
+    """case.key(), formatted once per case rather than on every call."""
+    memo = case._replace(M=_bucket(case.M)) + (torch.backends.cuda.matmul.allow_tf32,)
     key = _keys.get(memo)
     if key is None:
-        key = _keys[memo] = route_key(*key_args)
+        key = _keys[memo] = case.key()
     return key
 
 
-def choose_route(route: str, key_args: tuple, run_route: Callable[[str], object], device: torch.device) -> str:
-    """``route`` itself if it is "fused" or "composed"; for "auto", the cached choice for
-    ``route_key(*key_args)``, else the faster of ROUTES by the timer, then cached and logged.
-    ``run_route(name)`` runs that route on the real inputs, writing to scratch outputs; it is
-    called only while timing."""
+def known_route(route: str, case: RouteCase) -> Optional[str]:
+    """The route a call of ``case`` takes: ``route`` itself if it is "fused" or "composed"; for
+    "auto", the choice made for this case (in this process or the cache file), or "fused" where
+    "auto" does not time (`RouteCase.untimed_reason`, or inside a CUDA-graph capture). None: "auto"
+    must time this case first (`timed_route`). The per-call path: one key lookup."""
     if route != "auto":
         return route
-    if untimed_reason(key_args) is not None:  # not cached: the reason may not hold for the next call
+    if case.untimed_reason() is not None:  # not cached: the reason may not hold for the next call
         return "fused"
-    key = _key(key_args)
+    key = _key(case)
     chosen = _choices.get(key)
     if chosen is None:
         _load_disk_cache()
         chosen = _choices.get(key)
-    if chosen is not None:
-        return chosen
-    if _capturing(device):  # no timing inside a CUDA graph capture; a later eager call decides
+    if chosen is None and _capturing(case.device):  # no timing inside a CUDA graph capture: later
         return "fused"
+    return chosen
+
+
+def timed_route(case: RouteCase, candidates: Dict[str, Callable[[], object]]) -> str:
+    """Time ``candidates`` ({route: a call of that route on the real inputs, writing to scratch
+    outputs}) with the timer, choose, cache and log the choice for ``case``, and return it.
+
+    A candidate that raises (out of memory, a cuBLAS or compile error) is not taken, with a
+    warning; "composed" must beat "fused" by COMPOSED_MARGIN. Off CUDA (no timer): "fused".
+    """
+    key = _key(case)
     failed: Dict[str, BaseException] = {}
 
-    def guarded(name: str) -> Callable[[], object]:
-        def call() -> object:
+    def guarded(name: str, call: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
             if name in failed:
                 return None
             try:
-                return run_route(name)
+                return call()
             except Exception as err:  # out of memory, a cuBLAS or compile error: not this route
                 failed[name] = err
                 return None
-        return call
+        return run
 
-    times = (_timer or cuda_event_timer)({name: guarded(name) for name in ROUTES}, device)
+    times = (_timer or cuda_event_timer)({name: guarded(name, call) for name, call in candidates.items()},
+                                         case.device)
     if "fused" in failed:  # the route that runs anyway: let its error surface there
         times = None
     for name, err in failed.items():
         logger.warning("route for %s: %s failed while being timed (%s); not taken", key, name, err)
     if not times:
         chosen = "fused"
-        logger.debug("route for %s: fused (nothing to time on %s)", key, device.type)
+        logger.debug("route for %s: fused (nothing to time on %s)", key, case.device.type)
     else:
         fused, composed = times.get("fused"), times.get("composed")
         chosen = "composed" if "composed" not in failed and composed < COMPOSED_MARGIN * fused else "fused"

@@ -59,6 +59,36 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# How a PEFT layer's forward treats lora_dropout in training (fused_dora.integrations.peft)
+DROPOUT_SEMANTICS = ("fused", "peft")
+
+
+def check_dropout_semantics(dropout_semantics) -> None:
+    if dropout_semantics not in DROPOUT_SEMANTICS:
+        raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def check_adapter_hparams(r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+    """TypeError for a wrong type, ValueError for a wrong value, naming the argument."""
+    check_positive_int("r", r)
+    for name, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if not math.isfinite(float(lora_alpha)):
+        raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {type(use_rslora).__name__}")
+
+
 def check_dtype(name, t, backend) -> None:
     allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES  # "auto" sends float64 to the reference
     if t.dtype not in allowed:

@@ -1,5 +1,5 @@
 """What the two [M, N, K] GEMMs share: the forward's x @ W.T (forward.py) and the input
-gradient's (dy * c) @ W (backward.py). Their tile shapes, the order programs walk tiles in, and
+gradient's (dy * c) @ W (input_grad.py). Their tile shapes, the order programs walk tiles in, and
 the input gradient's LoRA rank steps v @ A, which the composed route's dx pass (composed.py)
 adds to cuBLAS's result the same way.
 """

@@ -16,6 +16,7 @@ import triton.language as tl
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
+from .epilogue import dora_epilogue, norm_arguments
 
 _DOWN_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -111,13 +112,14 @@ def _forward_smem_bytes(a) -> int:
 @triton.jit
 def _dora_forward_kernel(
     x_ptr, w_ptr, su_ptr, lora_b_ptr,    # x [M, K], W [N, K] (x's dtype), su [M, R], B [N, R]
-    mag_ptr, norm_ptr, bias_ptr,         # magnitude [N], norm [N] fp32, bias [N] (if HAS_BIAS)
+    mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
+    norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
     y_ptr, q_ptr,                        # y, q [M, N] (x's dtype; q if STORE_Q)
     M, N, K, R,
     m_bucket,                            # autotune key only
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
-    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -154,59 +156,19 @@ def _dora_forward_kernel(
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
-    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr, norm_eps,
-                  HAS_BIAS, STORE_Q)
-
-
-@triton.jit
-def dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr, norm_eps,
-                  HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr):
-    """Store y = c * acc + bias (and, with STORE_Q, q = acc * t) for the fp32 tile acc = ypre
-    [BLOCK_M, BLOCK_N] of output columns ``outs``; y and q at ``out_offsets`` in y_ptr's dtype.
-    Shared by the fused GEMM and the composed route's epilogue pass (composed.py)."""
-    dtype = y_ptr.dtype.element_ty
-    # c = g / max(n, eps), correctly rounded like torch's division (reference.magnitude_scale)
-    g = tl.load(mag_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)
-    n = tl.maximum(tl.load(norm_ptr + outs, mask=out_ok, other=1.0), norm_eps)
-    scale = tl.math.div_rn(g, n)
-    if STORE_Q:  # saved for the magnitude gradient, which is sum over rows of dy * q / (t * n)
-        t = magnitude_grad_rescale(scale, n)
-        # q in place, then y = q * (c / t): one fp32 tile live, not two (acc and acc * t spilled
-        # registers in the 128 x 256 tiles). The same y: t is a power of two with t <= c < 2t, so
-        # q = ypre * t is exact (short of fp32 underflow) and c / t is exact.
-        acc *= t[None, :]
-        tl.store(q_ptr + out_offsets, acc.to(dtype), mask=out_mask)
-        scale = tl.where(t > 0, scale / t, 0.0)  # t = 0: c subnormal or 0 and n > 2**126
-    y = acc * scale[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + outs, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + out_offsets, y.to(dtype), mask=out_mask)
-
-
-@triton.jit
-def pow2_floor(v):
-    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
-    return (v.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def magnitude_grad_rescale(scale, n):
-    """t [BLOCK_N] = pow2_floor(c), or pow2_floor(1 / n) where c is 0: q = ypre * t is an exact
-    rescaling (a power of two) with |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits
-    wherever y is, while ypre = (y - bias) / c overflows fp16 for a small c. Bit for bit the
-    same as fused_dora.functional.magnitude_grad_rescale, which the backward uses."""
-    t = pow2_floor(scale)
-    return tl.where(t > 0, t, pow2_floor(tl.math.div_rn(tl.full(n.shape, 1.0, tl.float32), n)))
+    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr, q_ptr,
+                  N, norm_eps, pid_m == 0, HAS_BIAS, STORE_Q, NORM_SPLITS)
 
 
 def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
-                 out: Optional[torch.Tensor] = None):
+                 out: Optional[torch.Tensor] = None, norm_out: Optional[torch.Tensor] = None):
     """y [M, N] (x's dtype) = c * (x @ weight.T + su @ lora_B.T) + bias.
 
     x [M, K] (any strides), weight [N, K] (x's dtype), su [M, r] contiguous (lora_down's),
-    lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
-    c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
-    ``out``: a contiguous [M, N] tensor of x's dtype to write y into (default: a new one).
+    lora_B [N, r], magnitude [N], bias [N] or None; norm: n [N] fp32, or the norm pass's partial
+    sums [splits, N] (norm.row_norm_partials), which the epilogue finishes into ``norm_out`` [N]
+    fp32; the column scale c = magnitude / max(n, norm_eps) is formed in the epilogue too (no
+    extra launch). ``out``: a contiguous [M, N] tensor of x's dtype to write y into (default: a new one).
     With store_q, also returns q [M, N] (x's dtype) = (x @ weight.T + su @ lora_B.T) * t, the
     pre-scale output rescaled per column by t = magnitude_grad_rescale(c, max(norm, norm_eps)),
     which the magnitude gradient reads, else None.
@@ -218,13 +180,14 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_forward_kernel[grid](
-        x, weight, su, lora_B, magnitude.contiguous(), norm.float().contiguous(),
-        bias.contiguous() if bias is not None else norm,
-        y, q if store_q else y,
+        x, weight, su, lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        norm, norm_out, y, q if store_q else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, BLOCK_R=gemm_block_r(R),
+        PRECISION=dot_precision(x.dtype),
     )
     return y, q

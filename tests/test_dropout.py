@@ -4,7 +4,7 @@ import torch
 
 import fused_dora
 import fused_dora.kernels as K
-from fused_dora.composition import draw_dropout_seed
+from fused_dora.drivers import draw_dropout_seed
 from helpers import DEVICE, assert_close, make_inputs, reference_fp64, run
 
 

@@ -9,7 +9,7 @@ import torch
 import fused_dora
 import fused_dora.kernels as K
 from fused_dora import FusedDoraLinear, reference
-from fused_dora.composition import draw_dropout_seed
+from fused_dora.drivers import draw_dropout_seed
 from helpers import assert_close, make_inputs, reference_fp64, rel_err, run
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""Imports run one way: kernels <- composition <- autograd <- functional <- module <- integrations.
+"""Imports run one way: kernels <- drivers <- autograd <- functional <- module <- integrations.
 
 Every import counts, module-level or inside a function (a lazy import is still a dependency).
 """
@@ -11,7 +11,7 @@ PACKAGE = ROOT / "fused_dora"
 # each module may import only modules of a lower layer (or of its own layer, for the leaves)
 LAYERS = [
     {"reference", "backend", "routes"},
-    {"validation", "composition"},
+    {"validation", "drivers"},
     {"autograd"},
     {"functional"},
     {"norm_cache"},

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 import fused_dora
-import fused_dora.norm_cache as norm_cache_mod
 from fused_dora import FusedDoraLinear
 from helpers import DEVICE, rel_err
 
@@ -90,8 +89,12 @@ def test_module_matches_functional_reference_train_and_eval():
 def test_norm_cache_rules(monkeypatch):
     """Training forwards compute the norm; other forwards reuse it while its inputs provably hold."""
     calls = []
-    real = norm_cache_mod.dora_weight_norm
-    monkeypatch.setattr(norm_cache_mod, "dora_weight_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    # every norm the Triton backend computes: for the cache (dora_weight_norm -> dora_row_norm), or
+    # in a training forward (the norm pass's partial sums, finished by the GEMM)
+    kernels = fused_dora.backend.load_kernels()
+    for name in ("dora_row_norm", "row_norm_partials"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
     _randomise_adapter(layer)
     x = torch.randn(4, 16, device=DEVICE)

@@ -114,7 +114,7 @@ def test_huge_weight_goes_to_the_reference_or_is_refused(monkeypatch):
 
 
 def test_narrow_column_offsets_copies_only_huge_strides():
-    from fused_dora.composition import narrow_column_offsets
+    from fused_dora.drivers import narrow_column_offsets
 
     t = torch.randn(4, 6).T
     assert narrow_column_offsets(t) is t

@@ -267,17 +267,17 @@ def auto_choice(data: CaseData) -> dict:
 
     c, x = data.case, data.xs[0]
 
-    def took(direction: str, variant: bool) -> str:
-        # the key arguments composition passes: a training forward stores q, a backward forms dx
-        key_args = (direction, x.device, data.act, data.ad, c.M, c.N, c.K, c.r, c.p > 0, variant)
-        chosen = routes.route_choices().get(routes.route_key(*key_args))
-        if chosen is None and routes.untimed_reason(key_args):
+    def took(direction: str, store_q: bool) -> str:
+        # the case the drivers pass: a training forward stores q; a backward forms dx
+        case = routes.RouteCase(direction, x.device, data.act, data.ad, c.M, c.N, c.K, c.r, c.p > 0, store_q)
+        chosen = routes.route_choices().get(case.key())
+        if chosen is None and case.untimed_reason():
             return "fused (untimed)"
         return chosen or "?"
 
     out = {"forward": took("forward", c.training)}
     if c.training:
-        out["backward"] = took("backward", True)
+        out["backward"] = took("backward", False)
     return out
 
 

@@ -22,7 +22,7 @@ PARITY_ROUTES = {"fused": "fused route (Triton GEMMs, interpreter)",
 def smoke_parity(dev: torch.device, log) -> bool:
     from fused_dora import FusedDoraLinear, reference
     from fused_dora.backend import triton_available_for
-    from fused_dora.composition import draw_dropout_seed
+    from fused_dora.drivers import draw_dropout_seed
 
     why = triton_available_for(dev)
     if why:

@@ -19,14 +19,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..backend import BACKENDS, FusedDoraWarning, reference_reason
+from ..backend import FusedDoraWarning, reference_reason
 from ..routes import check_route, route_name
 from ..functional import dora_linear
 from ..norm_cache import NormCache
+from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
 
-DROPOUT_SEMANTICS = ("fused", "peft")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -43,12 +43,15 @@ def _peft_classes():
 def _import_peft_classes():
     try:
         from peft.tuners.lora import layer as lora_layer
-        from peft.tuners.lora.dora import DoraLinearLayer
     except ImportError as exc:
         raise ImportError("fused_dora.integrations.peft needs peft: pip install 'fused_dora[peft]'") from exc
     try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+    except ImportError:  # PEFT < 0.12 held the magnitudes in a ParameterDict (see _structural_reason)
+        DoraLinearLayer = None
+    try:
         from peft.tuners.lora.variants import DoraLinearVariant
-    except ImportError:  # PEFT before LoRA variants (< 0.15) dispatched DoRA on use_dora alone
+    except ImportError:  # PEFT before LoRA variants (< 0.16) dispatched DoRA on use_dora alone
         DoraLinearVariant = None
     return lora_layer, DoraLinearLayer, DoraLinearVariant
 
@@ -60,7 +63,11 @@ def _is_dora_layer(module) -> bool:
 
 def _structural_reason(module) -> Optional[str]:
     """None if the fused forward can be installed on this DoRA layer, else why not."""
-    lora_layer, _, _ = _peft_classes()
+    lora_layer, DoraLinearLayer, _ = _peft_classes()
+    if DoraLinearLayer is None:
+        import peft
+
+        return f"PEFT {peft.__version__} is not served (no DoraLinearLayer magnitudes; fused_dora serves PEFT >= 0.12)"
     if not isinstance(module, lora_layer.Linear):
         return f"{type(module).__name__} layers are not served (only lora.Linear over nn.Linear)"
     if type(module).forward is not lora_layer.Linear.forward:
@@ -208,7 +215,7 @@ class _FusedForward(_LayerBound):
         training = layer.training and dropout.training
         self.last_reference_reason = reference_reason(self.backend, x.device, compute_dtype, weight,
                                                       (x, bias, lora_A, lora_B, magnitude))
-        norm = self._norm_cache.get(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
+        norm = self._norm_cache.for_forward(weight, lora_A, lora_B, scaling, self.backend, tag=adapter)
         # under autocast, dora_linear casts x, weight and bias to the autocast dtype as F.linear does
         return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, p, training, self.backend, norm=norm,
                            route=self.route)
@@ -261,10 +268,8 @@ def enable_fused_dora(model: nn.Module, dropout_semantics: str = "fused", *, bac
     passed to :func:`fused_dora.dora_linear` ("auto", "triton" or "reference"), and so is
     ``route`` ("fused", "composed", "auto"; None: FUSED_DORA_ROUTE, else "auto").
     """
-    if dropout_semantics not in DROPOUT_SEMANTICS:
-        raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_dropout_semantics(dropout_semantics)
+    check_backend(backend)
     if route is not None:
         check_route(route)
     _check_model(model)

@@ -18,7 +18,8 @@ import torch.nn as nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..routes import check_route
-from .peft import DROPOUT_SEMANTICS, enable_fused_dora, fused_dora_status
+from ..validation import check_backend, check_dropout_semantics
+from .peft import enable_fused_dora, fused_dora_status
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,8 @@ class FusedDoraCallback(TrainerCallback):
 
     def __init__(self, dropout_semantics: str = "fused", *, backend: str = "auto", warn: bool = True,
                  route: Optional[str] = None) -> None:
-        if dropout_semantics not in DROPOUT_SEMANTICS:
-            raise ValueError(f"dropout_semantics must be one of {DROPOUT_SEMANTICS}, got {dropout_semantics!r}")
+        check_dropout_semantics(dropout_semantics)
+        check_backend(backend)
         if route is not None:
             check_route(route)
         self.dropout_semantics, self.backend, self.warn, self.route = dropout_semantics, backend, warn, route
