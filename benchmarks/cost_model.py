@@ -81,10 +81,10 @@ import compile_report as cr  # noqa: E402  (puts this checkout first on sys.path
 import sass_loops  # noqa: E402
 import tutorial_matmul  # noqa: E402
 from dora_bench import competitors as bench_competitors  # noqa: E402
+from dora_bench import launches as bench_launches  # noqa: E402
 from dora_bench.cases import LLAMA_SHAPES, Case  # noqa: E402
 from dora_bench.inputs import CaseData  # noqa: E402
 
-import fused_dora.functional as functional  # noqa: E402
 from fused_dora.kernels import _launch  # noqa: E402
 from fused_dora.kernels._gemm import GEMM_TILES, gemm_configs  # noqa: E402
 
@@ -185,6 +185,9 @@ LOOPS = {
                                      ("BLOCK_R", "BLOCK_C", "BLOCK_M")),
     "_dora_compose_epilogue_kernel": LoopModel(lambda a: cdiv(a["R"], a["BLOCK_R"]), ("BLOCK_M", "BLOCK_C", "BLOCK_R")),
     "_add_lora_input_grad_kernel": LoopModel(lambda a: cdiv(a["R"], a["BLOCK_R"]), ("BLOCK_M", "BLOCK_C", "BLOCK_R")),
+    # no tensor-core loop: the finishing passes add partial sums (their time is their bytes and launch)
+    "_finish_row_norm_kernel": LoopModel(lambda a: 1, ("BLOCK",)),
+    "_finish_adapter_grads_kernel": LoopModel(lambda a: 1, ("BLOCK",)),
     tutorial_matmul.NAME: LoopModel(lambda a: cdiv(a["K"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
 }
 GEMM_LAYOUTS = {"_dora_forward_kernel": "forward", "_dora_input_grad_kernel": "dx"}  # anchor layout of each GEMM
@@ -225,11 +228,6 @@ class EagerOp:
     shapes: str = ""
 
 
-# ops that launch no kernel (views, allocations, metadata)
-FREE_OPS = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "as_strided",
-            "alias", "detach", "slice", "select", "empty", "empty_like", "new_empty", "empty_strided", "_reshape_alias",
-            "lift_fresh", "split", "unbind", "narrow", "view_as", "expand_as", "_local_scalar_dense", "set_",
-            "resize_", "split_with_sizes", "diagonal"}
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 _KIND = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -256,7 +254,7 @@ class OpRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         ins = _tensors(list(args) + list((kwargs or {}).values()))
         outs = _tensors(out if isinstance(out, (list, tuple)) else [out])
-        if name in FREE_OPS or not any(t.device.type == "meta" for t in ins + outs):
+        if not bench_launches.puts_work_on_stream(func, args, kwargs or {}, out):  # views, allocations, CPU ops
             return out
         seen, nbytes = set(), 0
         for t in ins + outs:  # an in-place op's self is read and written: counted twice
@@ -287,22 +285,20 @@ def meta_case_data(case: Case) -> CaseData:
 
 @contextlib.contextmanager
 def _capturing(target_name: str, sms: int, events: list):
-    """Triton launches recorded into ``events`` (not run), split counts sized for ``sms`` SMs, the
-    Triton backend taken for meta tensors, the driver reporting ``target_name``."""
+    """Triton launches recorded into ``events`` (not run; dora_bench.launches' recorder), split
+    counts sized for ``sms`` SMs, the driver reporting ``target_name``."""
     cr.driver.set_active(cr.TargetDriver(cr.TARGETS[target_name][0]))
-    saved = (_launch.num_sms, bench_competitors._require_triton, functional.resolve_backend)
-    for name, tuned in cr.TUNED_KERNELS.items():
-        tuned.kernel.run = (lambda *args, _name=name, grid, warmup, **kwargs:
-                            events.append(Launch(_name, args, kwargs, grid)))
-    _launch.num_sms = lambda device: sms
+
+    def record(name, *args, grid, warmup, **kwargs):
+        events.append(Launch(name, args, kwargs, grid))
+
+    require_triton = bench_competitors._require_triton  # bench.py's own check: meta tensors are no GPU
     bench_competitors._require_triton = lambda dev: None
-    functional.resolve_backend = lambda backend, *a, **k: "reference" if backend == "reference" else "triton"
     try:
-        yield
+        with bench_launches.triton_recorded(record, sms=sms):
+            yield
     finally:
-        _launch.num_sms, bench_competitors._require_triton, functional.resolve_backend = saved
-        for tuned in cr.TUNED_KERNELS.values():
-            del tuned.kernel.run
+        bench_competitors._require_triton = require_triton
 
 
 def capture(case: Case, competitor: str, target_name: str, sms: int) -> list:

@@ -48,6 +48,15 @@ def _is_view(func) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
 
 
+def puts_work_on_stream(func, args, kwargs, out) -> bool:
+    """Whether an aten op on meta tensors stands for work on the GPU stream: not a view, not an
+    allocation, not an op on CPU tensors only."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    on_device = any(t.device.type == "meta" for t in tensors) or (
+        isinstance(out, torch.Tensor) and out.device.type == "meta")
+    return on_device and func.overloadpacket.__name__ not in _NO_LAUNCH and not _is_view(func)
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self, counts: LaunchCounts):
         super().__init__()
@@ -56,19 +65,17 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        on_device = any(t.device.type == "meta" for t in tensors) or (
-            isinstance(out, torch.Tensor) and out.device.type == "meta")
-        if on_device and name not in _NO_LAUNCH and not _is_view(func):
-            self.counts.aten[f"aten.{name}"] += 1
+        if puts_work_on_stream(func, args, kwargs, out):
+            self.counts.aten[f"aten.{func.overloadpacket.__name__}"] += 1
         return out
 
 
 @contextlib.contextmanager
-def _triton_recorded(current: list):
-    """Each autotuned kernel's launch is counted in ``current[0]`` (a LaunchCounts) instead of run;
-    meta tensors pass the backend's checks as CUDA tensors would."""
+def triton_recorded(on_launch, sms: int = H100_SMS):
+    """Each autotuned kernel's launch is handed to ``on_launch(name, *args, **kwargs)`` (the
+    launcher's arguments: the kernel's, grid=, warmup=, constexprs) instead of run; grids and
+    reduction splits are sized for ``sms`` SMs; meta tensors pass the backend's checks as CUDA
+    tensors would."""
     from fused_dora import backend
 
     kernels = backend.load_kernels()
@@ -78,15 +85,10 @@ def _triton_recorded(current: list):
     def meta_is_a_gpu(device, dtype, weight):
         return None if device.type == "meta" else real_unavailable(device, dtype, weight)
 
-    def record(name):
-        def run(*args, **kwargs):
-            current[0].triton[name] += 1
-        return run
-
     backend._unavailable = meta_is_a_gpu
-    kernels._launch.num_sms = lambda device: H100_SMS  # grids and reduction splits sized for a GPU
+    kernels._launch.num_sms = lambda device: sms
     for name, tuned in tuned_kernels.items():
-        tuned.kernel.run = record(name)
+        tuned.kernel.run = lambda *args, _name=name, **kwargs: on_launch(_name, *args, **kwargs)
     try:
         yield
     finally:
@@ -94,6 +96,13 @@ def _triton_recorded(current: list):
         kernels._launch.num_sms = real_num_sms
         for tuned in tuned_kernels.values():
             del tuned.kernel.run
+
+
+def _triton_recorded(current: list):
+    """Each autotuned kernel's launch counted in ``current[0]`` (a LaunchCounts) instead of run."""
+    def record(name, *args, **kwargs):
+        current[0].triton[name] += 1
+    return triton_recorded(record)
 
 
 def count_launches(M: int = 4096, N: int = 4096, K: int = 4096, r: int = 16, *, training: bool = True,
