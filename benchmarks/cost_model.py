@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """A static cost model of fused_dora's kernels: predicted GPU times from compiled code, no GPU.
 
-    python benchmarks/cost_model.py --target sm_90 --out benchmarks/results/cost_model_sm90.md --json ...
+    python benchmarks/cost_model.py --target sm_90 --out benchmarks/results/cost_model_sm90.md
+        --predictions benchmarks/results/cost_model_sm90.json     (--rows: full tables; --json: every row)
     python benchmarks/cost_model.py --target sm_90 --loops-only --configs 0 --check-dx     (the CI check)
 
 What it reads (built on benchmarks/compile_report.py: launches captured on meta tensors, compiled
@@ -558,7 +559,8 @@ def run(target_name: str, cases: List[Case], workers: int, configs=None, loops_o
             sass = results[key]
             cfg = configs_of(ln.kernel)[i]
             row = dict(kernel=ln.kernel, variant=variant_of(ln), config=i, name=_launch.config_name(cfg),
-                       block_m=cfg.kwargs.get("BLOCK_M"), default=i == default, warps=cfg.num_warps, stages=cfg.num_stages, error=sass["error"])
+                       block_m=cfg.kwargs.get("BLOCK_M"), default=i == default, warps=cfg.num_warps,
+                       stages=cfg.num_stages, error=sass["error"])
             if not sass["error"]:
                 a = {**ln.arg_map(), **cfg.all_kwargs()}
                 figs = loop_figures(ln.kernel, a, sass)
@@ -622,7 +624,7 @@ def _best_config(gpu: Gpu, ln: Launch, pick_default, sass_of):
             continue
         cfg = configs_of(ln.kernel)[i]
         a = {**a0, **cfg.all_kwargs()}
-        programs = math.prod(ln.grid(a))
+        programs = math.prod(ln.grid(a) if callable(ln.grid) else ln.grid)
         p = predict_launch(gpu, ln.kernel, a, cfg, sass, programs, nbytes)
         if best is None or p["us"] < best[0]["us"]:
             best = (p, i)
@@ -684,7 +686,33 @@ def _short(kernel: str) -> str:
     return kernel.strip("_").replace("_kernel", "")
 
 
-def markdown(result: dict, argv: str) -> str:
+def gemm_summary(rows, gpu: Gpu) -> List[str]:
+    """Per GEMM and variant: the headline tile against the anchor, and the range over every
+    compiled tile of DX_MIN_ROWS rows or more (vs anchor, issue share)."""
+    L = ["| kernel | variant | tiles | vs anchor at " + HEADLINE_TILE + " | vs anchor, tiles of >= "
+         f"{DX_MIN_ROWS} rows | issue share, same tiles |", "|---|---|---:|---|---|---|"]
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        if r["kernel"] in GEMM_LAYOUTS and not r["error"]:
+            groups.setdefault((r["kernel"], r["variant"]), []).append(r)
+    for (kernel, variant), rs in groups.items():
+        head = next((r for r in rs if r["name"] == HEADLINE_TILE), None)
+        big = [r for r in rs if (r["block_m"] or 0) >= DX_MIN_ROWS and r["vs_anchor"] is not None]
+        def span(vals, fmt):
+            lo, hi = (fmt.format(min(vals)), fmt.format(max(vals))) if vals else ("-", "-")
+            return lo if lo == hi else f"{lo}-{hi}"
+
+        L.append(f"| {_short(kernel)} | {variant} | {len(rs)} | "
+                 + (f"{head['instr']} vs {head['anchor_instr']} ({_f(head['vs_anchor'])}x)" if head else "not pickable")
+                 + f" | {span([r['vs_anchor'] for r in big], '{:.2f}x')} "
+                 f"| {span([r['issue_share'] for r in big if r['issue_share'] is not None], '{:.2f}')} |")
+    return L
+
+
+def markdown(result: dict, argv: str, full: bool = False) -> str:
+    """The report: assumptions, predicted ratios per case, the GEMMs against the anchor (summary),
+    the fused launches of the q/o cases at M=4096; ``full``: every kernel row and every case's
+    launches (--rows)."""
     target = result["target"]
     gpus = [GPUS[g] for g in TARGET_GPUS[target]]
     rows, cases = result["kernels"], result["cases"]
@@ -720,6 +748,15 @@ def markdown(result: dict, argv: str) -> str:
                          f"| {s.get('gemm', 0):.0f} / {s.get('light', 0):.0f} / {s.get('eager', 0):.0f} |")
     gemm_rows = [r for r in rows if r["kernel"] in GEMM_LAYOUTS and not r["error"]]
     if gemm_rows:
+        failures = dx_loop_check(rows)
+        L += ["", "## The two GEMMs against the anchor: summary", "",
+              f"Instructions per k-step of the main loop over the anchor's (Triton's tutorial loop, same tile and "
+              f"operand layout); issue share on {gpus[0].name} (above 1 the tensor cores wait for instructions). "
+              f"Issue 19.2 (`--check-dx`): dx within {DX_ANCHOR_LIMIT}x and at most 1.0 issue share at every "
+              f"pickable tile of {DX_MIN_ROWS} rows or more: "
+              + ("met." if not failures else f"missed at {len(failures)} tile(s)."), ""]
+        L += gemm_summary(rows, gpus[0])
+    if gemm_rows and full:
         L += ["", "## The two GEMMs against the anchor (Triton's tutorial loop, same tile and operand layout)", "",
               f"Instructions per k-step: one warp's, main loop, from the SASS. Issue share: (warps / 4) x instructions "
               f"per k-step / tensor-core cycles per k-step on one SM ({gpus[0].name} rates); above 1 the tensor cores "
@@ -740,7 +777,7 @@ def markdown(result: dict, argv: str) -> str:
               for r in anchors]
     light = [r for r in rows if r["kernel"] not in GEMM_LAYOUTS and r["kernel"] != tutorial_matmul.NAME
              and not r["error"]]
-    if light:
+    if light and full:
         L += ["", "## The other kernels (main loop per iteration)", "",
               "`k-steps/iter`: the main loop's MMA work over the tile BLOCK x BLOCK x BLOCK (x3 for 3xTF32) of one "
               "iteration; 1.00 means one reduction step per iteration as the source says.", "",
@@ -752,7 +789,8 @@ def markdown(result: dict, argv: str) -> str:
                      f"| {r['instr']} | {r['mmas']} | {_f(r['kstep'])} | {_f(r['issue_share'])} | {r['outside']} "
                      f"| {r['regs']} | {r['shared']:,} | {r['occupancy'][gpus[0].name]} |")
     if cases:
-        L += ["", "## Per launch at M=4096 (the config a perfect autotuner takes)", "",
+        L += ["", "## Per launch at M=4096 (the config a perfect autotuner takes)" + ("" if full else ", q/o cases"),
+              "",
               "Triton launches one by one, the fused call's eager torch ops summed in one row; `programs/SM`: "
               "resident at once (registers, shared memory); bound: what the predicted time is (tensor cores, "
               "instruction issue, memory).", ""]
@@ -760,7 +798,7 @@ def markdown(result: dict, argv: str) -> str:
         L += [f"| case | launch | config | programs | programs/SM | waves | MB | {cols} |",
               "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(gpus)]
         for c in cases:
-            if c["M"] != 4096 or not c["gpus"][gpus[0].name].get("fused"):
+            if c["M"] != 4096 or not c["gpus"][gpus[0].name].get("fused") or (not full and c["shape"] != "qo"):
                 continue
             fused = {g.name: c["gpus"][g.name]["fused"]["items"] for g in gpus}
             for j, it in enumerate(fused[gpus[0].name]):
@@ -779,14 +817,31 @@ def markdown(result: dict, argv: str) -> str:
 
 
 def summary_json(result: dict) -> dict:
-    """What bench.py reads: per GPU and case key, the predicted ratios and times."""
+    """What bench.py reads: per GPU and case key, the predicted ratios and the fused and floor times."""
     tags = {g.name: tag for tag, g in GPUS.items()}
+    rnd = lambda v, n=3: None if v is None else round(v, n)  # noqa: E731
     out = {}
     for c in result["cases"]:
         for gpu, p in c["gpus"].items():
-            figures = {k: p[k] for k in ("fused_floor", "composed_floor", "x_peft_dora", "x_peft_lora")}
-            out.setdefault(tags[gpu], {})[c["case"]] = {**figures, "us": p["us"]}
+            figures = {k: rnd(p[k]) for k in ("fused_floor", "composed_floor", "x_peft_dora", "x_peft_lora")}
+            us = {k: rnd(p["us"].get(k), 1) for k in ("fused", "floor")}
+            out.setdefault(tags[gpu], {})[c["case"]] = {**figures, "fused_us": us["fused"], "floor_us": us["floor"]}
     return out
+
+
+def predictions_json(target: str, predictions: dict, argv: str) -> str:
+    """The committed file: one line per GPU and case (issue 18: generated files stay small)."""
+    head = dict(target=target, note="PREDICTION (static cost model, no GPU): benchmarks/cost_model.py "
+                + argv + f"; triton {cr.triton.__version__}, git {cr._git_rev()}")
+    lines = ["{", *(f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()), ' "predictions": {']
+    gpus = list(predictions.items())
+    for gi, (gpu, cases) in enumerate(gpus):
+        lines.append(f"  {json.dumps(gpu)}: {{")
+        items = list(cases.items())
+        lines += [f"   {json.dumps(k)}: {json.dumps(v)}" + ("," if i < len(items) - 1 else "")
+                  for i, (k, v) in enumerate(items)]
+        lines.append("  }" + ("," if gi < len(gpus) - 1 else ""))
+    return "\n".join(lines + [" }", "}"]) + "\n"
 
 
 def _slim_cases(cases):
@@ -822,8 +877,13 @@ def main(argv=None) -> int:
                     help=f"exit 1 if the dx main loop at a compiled tile of {DX_MIN_ROWS} rows or more is above "
                          f"{DX_ANCHOR_LIMIT}x the anchor's instructions per k-step or above 1.0 issue share")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", help="write the markdown here")
-    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--out", help="write the markdown here (a summary; --rows: every kernel row and launch)")
+    ap.add_argument("--rows", action="store_true",
+                    help="the markdown's full tables: every GEMM and light-kernel row, every case's launches")
+    ap.add_argument("--predictions", help="write the compact JSON bench.py reads (predicted ratios per GPU and "
+                                          "case): benchmarks/results/cost_model_<target>.json")
+    ap.add_argument("--json", help="write every result as JSON here (kernel rows, each case's launches; large, "
+                                   "not committed)")
     opts = ap.parse_args(argv)
     ints = lambda s: [int(t) for t in s.split(",") if t]  # noqa: E731
     if opts.loops_only:  # the input gradient with and without dropout, fp32 and bf16 adapters (issue 19.2)
@@ -839,11 +899,13 @@ def main(argv=None) -> int:
     result = run(opts.target, cases, opts.jobs, ints(opts.configs) if opts.configs else None, opts.loops_only,
                  progress)
     args_text = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    text = markdown(result, args_text)
+    text = markdown(result, args_text, full=opts.rows)
     if opts.out:
         Path(opts.out).write_text(text)
     else:
         print(text)
+    if opts.predictions:
+        Path(opts.predictions).write_text(predictions_json(opts.target, summary_json(result), args_text))
     if opts.json:
         Path(opts.json).write_text(json.dumps(dict(target=opts.target, predictions=summary_json(result),
                                                    kernels=result["kernels"], cases=_slim_cases(result["cases"])),
