@@ -1,4 +1,5 @@
-"""FusedDoraLinear: construction, parity with the functional reference, norm cache, merge."""
+"""FusedDoraLinear: construction, parity with the functional reference, norm cache, merge; merged
+layers saved, copied, loaded from state dicts and cast to other dtypes."""
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch.nn as nn
 
 import fused_dora
 from fused_dora import FusedDoraLinear
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, layer_reference, rel_err, trained_layer
 
 
 def _randomise_adapter(layer, seed=0):
@@ -230,3 +231,63 @@ def test_merged_layer_saves_and_copies_as_unmerged_function(tmp_path):
         loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
         loaded.unmerge()
         assert rel_err(loaded(x), y) < 1e-5
+
+
+def test_load_state_dict_into_merged_layer():
+    source = trained_layer(seed=4)
+    layer = trained_layer(seed=4)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)  # a different adapter on the same base weight
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(source, x)
+    layer.merge()
+    layer.load_state_dict(source.state_dict())
+    assert layer.merged  # loaded, then merged again
+    with torch.no_grad():
+        assert rel_err(layer(x), expect) < 1e-5
+    layer.unmerge()
+    assert rel_err(layer.weight, source.weight) < 1e-6
+    with torch.no_grad():
+        assert rel_err(layer(x), expect) < 1e-5
+
+
+def test_load_state_dict_assign_leaves_the_callers_tensors_alone():
+    source = trained_layer(seed=4)
+    sd = source.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(source, x)
+    layers = []
+    for _ in range(2):  # a second layer loaded from the same dict sees what the first saw
+        layer = trained_layer(seed=7)
+        layer.merge()
+        layer.load_state_dict(sd, assign=True)
+        assert layer.merged and layer.weight.data_ptr() != sd["weight"].data_ptr()
+        assert not layer.weight.requires_grad
+        layers.append(layer)
+    for k, v in sd.items():
+        assert torch.equal(v, before[k]), k
+    for layer in layers:
+        with torch.no_grad():
+            assert rel_err(layer(x), expect) < 1e-5
+        layer.unmerge()
+        assert rel_err(layer.weight, source.weight) < 1e-6
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to"])
+def test_merged_layer_survives_dtype_casts(cast):
+    layer = trained_layer(seed=5)
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(layer, x)
+    base = layer.weight.detach().clone()
+    layer.merge()
+    layer = layer.to(torch.float16) if cast == "to" else getattr(layer, cast)()
+    dtype = layer.weight.dtype
+    tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-6}[dtype]
+    assert layer.merged
+    state = layer.state_dict()  # was: "unmerge(): ... changed since merge()"
+    assert rel_err(state["weight"], base) < tol
+    with torch.no_grad():
+        assert rel_err(layer(x.to(dtype)), expect) < 2 * tol
+    layer.unmerge()
+    assert rel_err(layer.weight, base) < tol
