@@ -116,6 +116,14 @@ def logged_losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
+def randomize_layer(layer, seed=0):
+    """A random lora_B and a magnitude off the row norms for one FusedDoraLinear (randomize_adapters: a model's)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g).to(layer.magnitude))
+
+
 def trained_layer(seed, **kwargs):
     """A 24 -> 16 FusedDoraLinear (r = 3) in eval mode, lora_B random and the magnitude off the row norms."""
     torch.manual_seed(seed)

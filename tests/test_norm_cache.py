@@ -1,8 +1,10 @@
-"""The norm is the current parameters' norm in every forward, whatever updated them (issue 9, 1-2).
+"""The norm is the current parameters' norm in every forward, whatever updated them; the cache
+rules of FusedDoraLinear (training forwards compute it, other forwards reuse it while its inputs
+provably hold).
 
 torch.optim's fused optimizers update parameters without bumping their version counters, so a
-norm cached on version counters alone goes stale after their first step. Each test trains a
-Triton-path layer beside a reference-backend twin (which has no cache) and checks outputs,
+norm cached on version counters alone goes stale after their first step. The training-loop tests
+train a Triton-path layer beside a reference-backend twin (which has no cache) and check outputs,
 gradients and parameters along the way.
 """
 import copy
@@ -12,13 +14,86 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+import fused_dora
 from fused_dora import FusedDoraLinear, reference, replace_linear
-from helpers import DEVICE, rel_err
+from helpers import DEVICE, layer_reference, randomize_layer, rel_err
 
 ADAPTERS = ("lora_A", "lora_B", "magnitude")
 OPTIMIZERS = {f"{cls.__name__}-{form}": (cls, kw) for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
               for form, kw in (("fused", {"fused": True}), ("foreach", {"foreach": True}),
                                ("forloop", {"foreach": False}))}
+
+
+def test_norm_cache_rules(monkeypatch):
+    """Training forwards compute the norm; other forwards reuse it while its inputs provably hold."""
+    calls = []
+    # every norm the Triton backend computes: for the cache (dora_weight_norm -> dora_row_norm), or
+    # in a training forward (the norm pass's partial sums, finished by the GEMM)
+    kernels = fused_dora.backend.load_kernels()
+    for name in ("dora_row_norm", "row_norm_partials"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
+    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
+    randomize_layer(layer)
+    x = torch.randn(4, 16, device=DEVICE)
+    calls.clear()
+    for _ in range(3):  # every training forward (an optimizer may act unseen between them)
+        layer(x).sum().backward()
+    assert len(calls) == 3
+    layer.eval()
+    with torch.no_grad():
+        layer(x), layer(x)
+    assert len(calls) == 4  # eval: computed once, then reused
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lora_B"].mul_(2)
+    layer.load_state_dict(state)  # copy_ into the parameters: versions change
+    with torch.no_grad():
+        y_loaded = layer(x)
+    assert len(calls) == 5
+    assert rel_err(y_loaded, layer_reference(layer, x)) < 1e-5
+    with torch.no_grad():
+        layer(x)
+        layer.scaling = 3.0  # scaling is part of the key too
+        layer(x)
+    assert len(calls) == 6
+    layer.double().float()  # .to() & co. drop the cache
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 7
+    layer.train()
+    layer(x)  # a training forward drops the eval entry ...
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # ... so the next eval forward computes afresh
+    assert len(calls) == 9
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 9
+    torch.optim.SGD([layer.lora_B], lr=0.0, fused=True).step()  # any torch.optim step invalidates
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 10
+
+
+def test_clear_norm_cache_after_data_writes():
+    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
+    x = torch.randn(4, 16, device=DEVICE)
+    layer(x)
+    layer.lora_B.data.normal_()  # bypasses version counters: documented, needs clear_norm_cache()
+    layer.clear_norm_cache()
+    expect = layer_reference(layer, x)
+    assert rel_err(layer(x), expect) < 1e-5
+
+
+def test_layer_built_in_inference_mode_computes_norm_each_call():
+    with torch.inference_mode():
+        layer = FusedDoraLinear(16, 8, r=2, device=DEVICE)
+        x = torch.randn(3, 16, device=DEVICE)
+        y1 = layer(x)
+        layer.lora_B.add_(0.5)  # no version counter to notice this: the norm must not be cached
+        y2 = layer(x)
+        expect = layer_reference(layer, x)
+    assert rel_err(y2, expect) < 1e-5 and not torch.equal(y1, y2)
 
 
 class ReferenceDora(nn.Module):
