@@ -15,22 +15,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCALING = 1.5
 
 
-def test_in_place_after_peft_projection():
-    peft = pytest.importorskip("peft")
-    from fused_dora.integrations.peft import enable_fused_dora
-
-    torch.manual_seed(3)
-    model = peft.get_peft_model(nn.Sequential(nn.Linear(12, 12), nn.ReLU(inplace=True)),
-                                peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    enable_fused_dora(model)
-    x = torch.randn(5, 12, device=DEVICE)
-    model.to(DEVICE)
-    model(x).sum().backward()
-    out = model.base_model.model[0](x)
-    out += x
-    out.sum().backward()
-
-
 # ---- 11: errors name the argument ---------------------------------------------------------------
 @pytest.mark.parametrize("name", ["x", "weight"])
 def test_sparse_inputs_are_refused(name):
