@@ -21,6 +21,7 @@ from fused_dora.backend import load_kernels
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ("sm_90", "sm_80")
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
