@@ -37,7 +37,7 @@ def kernel_calls(monkeypatch):
     calls = []
     if not KERNELS_RUN:
         return calls
-    import fused_dora.kernels as kernels
+    from fused_dora.kernels import forward as kernels
 
     original = kernels.dora_forward
 
