@@ -16,7 +16,7 @@ specialisations) are the ones a GPU run would pass; each config is then compiled
 ``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache keeps
 the results (a re-run is quick); compiles run in a process pool (``--jobs``).
 
-Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what _launch.autotune
+Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what tuning.autotune
 prunes by) against the compiled ``metadata.shared``; whether the autotuner can pick the config on
 that GPU (it survives the pruning by shared memory and by kernels/_spills.py, the configs measured
 to spill, which ``--write-spills`` rewrites from this report); registers and stack (spill) bytes per
@@ -29,62 +29,32 @@ without wgmma on sm_90.
 """
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
 import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
-# Compiling needs Triton's real JIT, not its interpreter (tests/conftest.py sets the variable).
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
 
-import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.driver import DriverBase  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
+from fused_dora import drivers
+from fused_dora.kernels import tuning
+from fused_dora.kernels.tuning import case_variant, config_name, pickable_configs, smem_budget, spill_case
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fused_dora import drivers  # noqa: E402
-from fused_dora.backend import load_kernels  # noqa: E402
-
-
-def _this_checkouts_kernels() -> None:
-    """Import fused_dora.kernels from this checkout's kernels/ folder. The package itself comes from
-    this checkout (ROOT is first on sys.path), but an editable install of another checkout maps
-    the name fused_dora.kernels to that checkout's folder: its kernels would be compiled instead."""
-    import importlib.util
-
-    name, init = "fused_dora.kernels", ROOT / "kernels" / "__init__.py"
-    if name in sys.modules or not init.is_file():
-        return
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-
-
-_this_checkouts_kernels()
-load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
-from fused_dora.kernels import _launch  # noqa: E402
-from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
-                                        smem_budget, spill_case)
+TUNED_KERNELS = tuning.tuned_kernels()  # every kernel family imported: compiled for the GPU named, never run
 
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -163,8 +133,8 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
     mag = torch.empty(N, dtype=adapter_dtype, device=meta)
     dy = torch.empty(M, N, dtype=x_dtype, device=meta)
     calls = []
-    real_num_sms = _launch.num_sms
-    _launch.num_sms = lambda device: sms
+    real_num_sms = tuning.num_sms
+    tuning.num_sms = lambda device: sms
     for name, tuned in TUNED_KERNELS.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
@@ -177,7 +147,7 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
             drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=True, need_da=True,
                                    need_db=True, need_dmag=True, route=route)
     finally:
-        _launch.num_sms = real_num_sms
+        tuning.num_sms = real_num_sms
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run
     return calls
@@ -459,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write-spills", action="store_true",
                     help=f"rewrite {SPILLS_FILE.relative_to(ROOT)} from these targets' spilling configs (full subset)")
     opts = ap.parse_args(argv)
+    if tuning.INTERPRET:  # the kernels were decorated for Triton's interpreter when imported
+        ap.error("TRITON_INTERPRET is set: unset it, the report compiles the kernels for GPUs")
     if opts.out and "," in opts.target and "{target}" not in opts.out:
         ap.error("--out needs {target} in the path for several targets")
     kernels = opts.kernels.split(",") if opts.kernels else None

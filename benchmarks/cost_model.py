@@ -75,10 +75,11 @@ import torch.nn as nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _path in (HERE, HERE.parent):  # benchmarks/ (its modules) and this checkout's fused_dora
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-import compile_report as cr  # noqa: E402  (puts this checkout first on sys.path, imports its kernels)
+import compile_report as cr  # noqa: E402
 import sass_loops  # noqa: E402
 import tutorial_matmul  # noqa: E402
 from dora_bench import competitors as bench_competitors  # noqa: E402
@@ -86,7 +87,7 @@ from dora_bench import launches as bench_launches  # noqa: E402
 from dora_bench.cases import LLAMA_SHAPES, Case  # noqa: E402
 from dora_bench.inputs import CaseData  # noqa: E402
 
-from fused_dora.kernels import _launch  # noqa: E402
+from fused_dora.kernels import tuning  # noqa: E402
 from fused_dora.kernels._gemm import GEMM_TILES, gemm_configs  # noqa: E402
 
 ROOT = cr.ROOT
@@ -481,7 +482,7 @@ def _jobs_for(target_name: str, launches, configs=None):
     """{key: job} for every pickable config of each launch (``configs``: only those indices)."""
     _, max_smem, _ = cr.TARGETS[target_name]
     arch = cr.TARGETS[target_name][0].arch
-    budget = _launch.smem_budget(max_smem)
+    budget = tuning.smem_budget(max_smem)
     jobs, picks = {}, {}
     for ln in launches:
         a = ln.arg_map()
@@ -491,7 +492,7 @@ def _jobs_for(target_name: str, launches, configs=None):
         else:
             tuned = cr.TUNED_KERNELS[ln.kernel]
             spilling = tuned.spilling(a, arch)
-            ok = _launch.pickable_configs(tuned.configs, a, tuned.smem_bytes, budget, spilling=spilling)
+            ok = tuning.pickable_configs(tuned.configs, a, tuned.smem_bytes, budget, spilling=spilling)
             pick = [i for i, c in enumerate(tuned.configs) if c in ok]
             default = pick[0]
         if configs is not None:
@@ -511,7 +512,7 @@ def variant_of(ln: Launch) -> str:
     adapters' dtype (their LoRA steps read A or B: 'fp32 adapters')."""
     if ln.kernel == tutorial_matmul.NAME:
         return ln.kwargs["_layout"] + " layout"
-    out = _launch.case_variant(ln.kwargs) + (f" {ln.kwargs['PRECISION']}" if ln.kwargs.get("PRECISION") else "")
+    out = tuning.case_variant(ln.kwargs) + (f" {ln.kwargs['PRECISION']}" if ln.kwargs.get("PRECISION") else "")
     if ln.kernel in GEMM_LAYOUTS:
         adapter = next((v for k, v in ln.arg_map().items() if k.startswith("lora_") and isinstance(v, torch.Tensor)),
                        None)
@@ -558,7 +559,7 @@ def run(target_name: str, cases: List[Case], workers: int, configs=None, loops_o
             seen.add(key)
             sass = results[key]
             cfg = configs_of(ln.kernel)[i]
-            row = dict(kernel=ln.kernel, variant=variant_of(ln), config=i, name=_launch.config_name(cfg),
+            row = dict(kernel=ln.kernel, variant=variant_of(ln), config=i, name=tuning.config_name(cfg),
                        block_m=cfg.kwargs.get("BLOCK_M"), default=i == default, warps=cfg.num_warps,
                        stages=cfg.num_stages, error=sass["error"])
             if not sass["error"]:
@@ -631,7 +632,7 @@ def _best_config(gpu: Gpu, ln: Launch, pick_default, sass_of):
     if best is None:
         return LAUNCH_US, dict(what=ln.kernel, kind="triton", us=LAUNCH_US, error="no compiled config")
     p, i = best
-    return p["us"], dict(what=ln.kernel, kind="triton", variant=variant_of(ln), config=_launch.config_name(
+    return p["us"], dict(what=ln.kernel, kind="triton", variant=variant_of(ln), config=tuning.config_name(
         configs_of(ln.kernel)[i]), **p)
 
 

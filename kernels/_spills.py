@@ -1,8 +1,8 @@
-"""Configs measured to spill registers, which the autotuner leaves out (see _launch.autotune).
+"""Configs measured to spill registers, which the autotuner leaves out (see tuning.autotune).
 
 Written by `python benchmarks/compile_report.py --write-spills` (every kernel, config and case,
 compiled for each GPU architecture with the bundled ptxas); do not edit by hand.
-kernel -> compute capability -> case (_launch.spill_case) -> [config names (_launch.config_name)]
+kernel -> compute capability -> case (tuning.spill_case) -> [config names (tuning.config_name)]
 """
 SPILLS = {
     '_add_lora_input_grad_kernel': {

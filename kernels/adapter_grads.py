@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, lora_precision, narrow_row_stride, split_count
+from ._launch import block_r, lora_precision, narrow_row_stride
+from .tuning import autotune, split_count
 from .epilogue import magnitude_grad_rescale, magnitude_scale
 from .dropout import dropout_keep
 

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._gemm import rank_steps
-from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
+from ._launch import dot_precision, gemm_block_r
+from .tuning import autotune, m_bucket
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
 

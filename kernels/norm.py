@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, dot_precision, split_count
+from ._launch import block_r, dot_precision
+from .tuning import autotune, split_count
 from .epilogue import finished_norm
 
 _GPU_CONFIGS = [

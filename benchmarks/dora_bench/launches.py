@@ -77,23 +77,23 @@ def triton_recorded(on_launch, sms: int = H100_SMS):
     reduction splits are sized for ``sms`` SMs; meta tensors pass the backend's checks as CUDA
     tensors would."""
     from fused_dora import backend
+    from fused_dora.kernels import tuning
 
-    kernels = backend.load_kernels()
-    tuned_kernels = kernels._launch.TUNED_KERNELS
-    real_unavailable, real_num_sms = backend._unavailable, kernels._launch.num_sms
+    tuned_kernels = tuning.tuned_kernels()
+    real_unavailable, real_num_sms = backend._unavailable, tuning.num_sms
 
     def meta_is_a_gpu(device, dtype, weight):
         return None if device.type == "meta" else real_unavailable(device, dtype, weight)
 
     backend._unavailable = meta_is_a_gpu
-    kernels._launch.num_sms = lambda device: sms
+    tuning.num_sms = lambda device: sms
     for name, tuned in tuned_kernels.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: on_launch(_name, *args, **kwargs)
     try:
         yield
     finally:
         backend._unavailable = real_unavailable
-        kernels._launch.num_sms = real_num_sms
+        tuning.num_sms = real_num_sms
         for tuned in tuned_kernels.values():
             del tuned.kernel.run
 

@@ -50,7 +50,7 @@ def smoke_parity(dev: torch.device, log) -> bool:
                 state = torch.get_rng_state()
                 seed = draw_dropout_seed()
                 try:
-                    from fused_dora.kernels import dropout_mask
+                    from fused_dora.kernels.dropout import dropout_mask
 
                     mask = dropout_mask(seed, M, K, p, dev)
                 except Exception as exc:
