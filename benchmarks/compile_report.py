@@ -436,7 +436,7 @@ def main(argv=None) -> int:
     kernels = opts.kernels.split(",") if opts.kernels else None
     everything, bad = {}, 0
     for target_name in opts.target.split(","):
-        def progress(done, total):
+        def progress(done, total, target_name=target_name):
             if done % 20 == 0 or done == total:
                 print(f"[{target_name}] compiled {done}/{total}", file=sys.stderr, flush=True)
 

@@ -1,6 +1,5 @@
 """FusedDoraLinear: a drop-in nn.Linear with a DoRA adapter, served by the fused kernels."""
 import math
-import numbers
 import warnings
 from typing import Optional, Union
 
@@ -236,7 +235,7 @@ class FusedDoraLinear(nn.Module):
         loads as an unmerged layer that computes the same function.
         """
         if self.merged:
-            warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
+            warnings.warn("FusedDoraLinear.merge(): already merged; nothing done", stacklevel=2)
             return
         w = self.weight
         mag_scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
@@ -268,7 +267,7 @@ class FusedDoraLinear(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weight merged by :meth:`merge` (within weight's dtype rounding)."""
         if not self.merged:
-            warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done")
+            warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
         self.weight.copy_(self._unmerged_weight())
         self.merged = False

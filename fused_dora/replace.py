@@ -330,7 +330,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     dropouts = collections.Counter(m.lora_dropout for m in layers.values())
     if len(dropouts) > 1:
         warnings.warn(f"save_adapter: the layers use different lora_dropout values {sorted(dropouts)}; PEFT's "
-                      f"config holds one, {dropouts.most_common(1)[0][0]} is written")
+                      f"config holds one, {dropouts.most_common(1)[0][0]} is written", stacklevel=2)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, m in layers.items():
         for suffix, attr in _SUFFIXES.items():
@@ -342,7 +342,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     top_level = sorted(n for n in layers if "." not in n and _pattern_key(n) in {**rank_pattern, **alpha_pattern})
     if top_level:
         warnings.warn(f"save_adapter: PEFT < 0.15 cannot match rank_pattern / alpha_pattern keys of top-level modules "
-                      f"({', '.join(top_level)}): load this adapter with PEFT >= 0.15")
+                      f"({', '.join(top_level)}): load this adapter with PEFT >= 0.15", stacklevel=2)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = peft.LoraConfig(

@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ._launch import block_r, lora_precision, narrow_row_stride
-from .tuning import autotune, split_count
-from .epilogue import magnitude_grad_rescale, magnitude_scale
 from .dropout import dropout_keep
+from .epilogue import magnitude_grad_rescale, magnitude_scale
+from .tuning import autotune, split_count
 
 _COLPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)

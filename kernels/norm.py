@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from ._launch import block_r, dot_precision
-from .tuning import autotune, split_count
 from .epilogue import finished_norm
+from .tuning import autotune, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

@@ -18,6 +18,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
+
 # Triton picks interpreted or compiled kernels when `@triton.jit` runs, i.e. when these modules
 # are imported, so the mode is fixed here once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -56,7 +57,7 @@ def _device_smem_budget(device_index: int) -> int:
     try:
         props = triton.runtime.driver.active.utils.get_device_properties(device_index)
         return smem_budget(props["max_shared_mem"])
-    except Exception:  # unknown driver API: assume a Hopper-class 227 KB
+    except Exception:  # noqa: BLE001 - unknown driver API: assume a Hopper-class 227 KB
         return 200 * 1024
 
 

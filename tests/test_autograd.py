@@ -7,8 +7,18 @@ import torch.nn as nn
 
 import fused_dora
 from fused_dora import FusedDoraLinear, autograd, reference
-from helpers import (DEVICE, TOL, assert_close, fp64, layer_reference, make_inputs, reference_fp64, rel_err, run,
-                     trained_layer)
+from helpers import (
+    DEVICE,
+    TOL,
+    assert_close,
+    fp64,
+    layer_reference,
+    make_inputs,
+    reference_fp64,
+    rel_err,
+    run,
+    trained_layer,
+)
 
 SCALING = 1.5
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora.kernels.dropout import dropout_mask
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels.dropout import dropout_mask
 from helpers import DEVICE, assert_close, make_inputs, reference_fp64, run
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora.kernels.dropout import dropout_mask
-from fused_dora.kernels.norm import dora_row_norm
 from fused_dora import FusedDoraLinear, reference
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels.dropout import dropout_mask
+from fused_dora.kernels.norm import dora_row_norm
 from helpers import assert_close, make_inputs, reference_fp64, rel_err, run
 
 pytestmark = [

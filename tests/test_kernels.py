@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fused_dora
+from fused_dora import reference
 from fused_dora.kernels import adapter_grads, forward, input_grad
 from fused_dora.kernels import norm as norm_kernels
-from fused_dora import reference
 from helpers import DEVICE, magnitude_grad_rescale, make_inputs, rel_err, run
 
 

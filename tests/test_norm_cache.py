@@ -258,7 +258,7 @@ def test_inference_mode_validation_between_training_steps():
     layer, twin = _pair(seed=8)
     opts = [torch.optim.AdamW(_params(m), lr=0.05, fused=True) for m in (layer, twin)]
     x = torch.randn(5, 24, device=DEVICE)
-    for step in range(2):
+    for _ in range(2):
         for m, opt in zip((layer, twin), opts):
             m.train()
             m(x).square().sum().backward()

@@ -16,7 +16,10 @@ transformers = pytest.importorskip("transformers")
 # peft calls a transformers API that transformers 5.x deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 from fused_dora.integrations.peft import (  # noqa: E402
-    FusedDoraWarning, disable_fused_dora, enable_fused_dora, fused_dora_status,
+    FusedDoraWarning,
+    disable_fused_dora,
+    enable_fused_dora,
+    fused_dora_status,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -505,7 +508,7 @@ def test_inference_mode_validation_through_enable_fused_dora():
     for key, m in (("fused", model), ("plain", plain)):
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
         losses[key] = []
-        for step in range(2):
+        for _ in range(2):
             m.train()
             loss = m(input_ids=ids, labels=ids).loss
             loss.backward()

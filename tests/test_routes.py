@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora.kernels import composed, forward, input_grad
-from fused_dora.kernels.dropout import dropout_mask
 from fused_dora import FusedDoraLinear, routes
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels import composed, forward, input_grad
+from fused_dora.kernels.dropout import dropout_mask
 from helpers import DEVICE, TOL, assert_close, magnitude_grad_rescale, make_inputs, reference_fp64, rel_err, run
 
 SHAPES = [(1, 45, 53, 1), (37, 45, 53, 3), (50, 70, 33, 21), (29, 40, 70, 64)]  # ragged; r over one rank chunk
@@ -400,6 +400,7 @@ def test_in_place_passes_survive_an_autotune_search(name):
     config on the real buffers several times: with the kernel's declared restore_value the first
     call's result is still right (without it, the update was applied once per benchmark run)."""
     import triton
+
     from fused_dora.kernels.tuning import TUNED_KERNELS
 
     tuned_kernel = TUNED_KERNELS[name]

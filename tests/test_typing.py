@@ -1,7 +1,6 @@
 """Typing: py.typed ships, every public signature is annotated, and mypy --strict on a user script
 finds nothing to complain about in our signatures (and does see them: a misuse is caught)."""
 import inspect
-import os
 import pathlib
 
 import pytest

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

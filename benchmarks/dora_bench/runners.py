@@ -79,7 +79,7 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
             results[name] = {"status": "derived", "ms": data.W.numel() * data.W.element_size() / bw * 1e3,
                              "note": "W read once at the measured bandwidth"}
             continue
-        results[name] = guarded(lambda: measure(name), dev, args.verbose)
+        results[name] = guarded(lambda name=name: measure(name), dev, args.verbose)
     data = y_ref = None  # released before the cleanup
     cleanup(dev)
     return finish_row({"case": dataclasses.asdict(case), "key": case.key, "results": results}, case, bw)
@@ -132,6 +132,6 @@ def run_model_case(spec: ModelSpec, args, dev: torch.device, log, left: Callable
             results[name] = {"status": "skipped: time budget"}
             log(f"    {spec.mode} {name}: skipped (time budget)")
             continue
-        res = results[name] = guarded(lambda: measure(name), dev, args.verbose)
+        res = results[name] = guarded(lambda name=name: measure(name), dev, args.verbose)
         log(f"    {spec.mode} {name}: " + (f"{res['ms']:.1f} ms/step" if "ms" in res else res["status"]))
     return finish_row({"case": dataclasses.asdict(spec), "key": spec.key, "results": results}, spec, 0.0)

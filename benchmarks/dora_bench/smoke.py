@@ -13,7 +13,6 @@ from .competitors import Unavailable, build_peft_layer, linear_sharing, set_para
 from .inputs import CaseData
 from .instruments import rel_err
 
-
 # the routes of the Triton path checked (fused_dora.routes), with their label in the table
 PARITY_ROUTES = {"fused": "fused route (Triton GEMMs, interpreter)",
                  "composed": "composed route (torch.mm + Triton passes, interpreter)"}

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..backend import FusedDoraWarning, reference_reason
-from ..routes import check_route, route_name
 from ..functional import dora_linear
 from ..norm_cache import NormCache
+from ..routes import check_route, route_name
 from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
