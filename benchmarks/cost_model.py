@@ -82,11 +82,11 @@ for _path in (HERE, HERE.parent):  # benchmarks/ (its modules) and this checkout
 import compile_report as cr  # noqa: E402
 import sass_loops  # noqa: E402
 import tutorial_matmul  # noqa: E402
+
 from dora_bench import competitors as bench_competitors  # noqa: E402
 from dora_bench import launches as bench_launches  # noqa: E402
 from dora_bench.cases import LLAMA_SHAPES, Case  # noqa: E402
 from dora_bench.inputs import CaseData  # noqa: E402
-
 from fused_dora.kernels import tuning  # noqa: E402
 from fused_dora.kernels._gemm import GEMM_TILES, gemm_configs  # noqa: E402
 

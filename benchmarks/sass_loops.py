@@ -215,7 +215,7 @@ def _blocks(instrs: List[Instr], labels: Dict[str, int]):
     blocks = [(s, (starts[j + 1] if j + 1 < len(starts) else len(instrs)) - 1) for j, s in enumerate(starts)]
     index = {s: j for j, (s, _) in enumerate(blocks)}
     succ: List[List[int]] = []
-    for j, (s, e) in enumerate(blocks):
+    for j, (_s, e) in enumerate(blocks):
         last = instrs[e]
         out = []
         if _is_branch(last):

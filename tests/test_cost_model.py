@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sass_loops  # noqa: E402  (imports triton for the nvdisasm path only; no kernel)
+
 from dora_bench.predicted import load_predictions, predicted  # noqa: E402
 
 TILE = "128x256x64 w8 s3"
