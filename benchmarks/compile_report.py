@@ -304,7 +304,8 @@ def markdown(target_name: str, rows, seconds: float, with_rows: bool = False, su
         + ("`." if subset == "full" else f" --subset {subset}`: {SUBSET_WORDS[subset]}."),
         "",
         f"Shared memory: {max_smem:,} B per block. The autotuner prunes, before compiling, the configs whose "
-        f"estimate exceeds {budget:,} B (90%) and those kernels/_spills.py lists for {target_name} (measured to spill); "
+        f"estimate exceeds {budget:,} B (90%) and those kernels/_spills.py lists for {target_name} "
+        "(measured to spill); "
         "the rest are *pickable* (*dflt*: the one FUSED_DORA_AUTOTUNE=0 takes). *est.*: the launcher's "
         "estimate (`smem_bytes`), which must be an upper bound of *smem*, the compiled figure. *regs*, "
         "*spill*: registers and stack bytes per thread (spill 0: none). *mma*: tensor-core instructions in "
@@ -334,7 +335,8 @@ def markdown(target_name: str, rows, seconds: float, with_rows: bool = False, su
                                      "upper bound" + (", wgmma in every large GEMM tile." if target_name == "sm_90"
                                                       else ".")]
     if not with_rows:
-        out += ["", "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
+        out += ["",
+                "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
                 "(Triton's cache makes a re-run quick once a target was compiled)."]
     for name in TUNED_KERNELS if with_rows else ():
         mine = [r for r in rows if r["kernel"] == name]

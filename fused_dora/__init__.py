@@ -34,5 +34,5 @@ if (_checkout / "kernels" / "tuning.py").is_file() and (_checkout / "pyproject.t
     __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
-__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "routes", "replace_linear", "save_adapter",
-           "load_adapter", "__version__"]
+__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "routes",
+           "replace_linear", "save_adapter", "load_adapter", "__version__"]

@@ -102,7 +102,8 @@ class FusedDoraLinear(nn.Module):
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.backend = backend
         self.route = route
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:

@@ -76,7 +76,8 @@ def _check_target_modules(target_modules) -> Union[str, tuple]:
             try:
                 re.compile(target_modules)
             except re.error as exc:
-                raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
+                raise ValueError(f"target_modules={target_modules!r} is not a valid "
+                                 f"regular expression: {exc}") from None
         return target_modules
     if isinstance(target_modules, (bytes, nn.Module)) or not isinstance(target_modules, Iterable):
         raise TypeError("target_modules must be a regex string or a list of module-name suffixes, "
@@ -423,9 +424,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
                 raise ValueError(f"{name}: the layer has r={module.r}, scaling={module.scaling:g} but the adapter "
                                  f"has r={r}, scaling={scaling:g}")
         elif type(module) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(module).__name__}; load_adapter needs a FusedDoraLinear or an nn.Linear")
+            raise ValueError(f"{name} is a {type(module).__name__}; "
+                             "load_adapter needs a FusedDoraLinear or an nn.Linear")
         elif _read_directly(model, real_names[name]) is not None:
-            raise ValueError(f"{_read_directly(model, real_names[name])}, so an adapter there would be silently ignored")
+            raise ValueError(f"{_read_directly(model, real_names[name])}, "
+                             "so an adapter there would be silently ignored")
         out_f, in_f = module.out_features, module.in_features
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
         for attr, shape in expected.items():

@@ -89,7 +89,8 @@ def _magnitude_and_B_grad_kernel(
         if mag_here:
             tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
     if COMPUTE_B:
-        tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
+        tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db,
+                 mask=out_ok[:, None] & rank_ok[None, :])
 
 
 def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,

@@ -44,7 +44,8 @@ def run(fn, inputs, grad_out_seed=1, grad_out_dtype=None, **kwargs):
     The output gradient is random, rounded to grad_out_dtype (default: y's dtype), so a float64
     reference run can see the very values a 16-bit run saw.
     """
-    leaves = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if v is not None else None) for k, v in inputs.items()}
+    leaves = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if v is not None else None)
+              for k, v in inputs.items()}
     y = fn(**leaves, **kwargs)
     g = torch.Generator().manual_seed(grad_out_seed)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(grad_out_dtype or y.dtype)

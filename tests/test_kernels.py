@@ -45,8 +45,8 @@ def test_adapter_grad_reductions_any_split(splits, adapter_dtype):
     dmag_part, db_part = adapter_grads.magnitude_and_B_grad_partials(dy, q, u, True, True, splits=splits)
     da_part = adapter_grads.lora_A_grad_partials(v, x, splits=splits)
     assert dmag_part.shape == (splits, N) and db_part.shape == (splits, N, r) and da_part.shape == (splits, r, Kdim)
-    dmag, db, da = adapter_grads.finish_adapter_grads(dmag_part, db_part, da_part, magnitude.to(adapter_dtype), norm, lora_A,
-                                          lora_B, s, 1e-12)
+    dmag, db, da = adapter_grads.finish_adapter_grads(dmag_part, db_part, da_part, magnitude.to(adapter_dtype), norm,
+                                                      lora_A, lora_B, s, 1e-12)
     n = norm.double().clamp_min(1e-12)
     c = magnitude.to(adapter_dtype).double() / n
     t = magnitude_grad_rescale(c.float(), n.float()).double()
@@ -88,7 +88,8 @@ def test_triton_path_really_runs(backend, monkeypatch):
     monkeypatch.setattr(reference, "dora_linear", no_reference)
     monkeypatch.setattr(reference, "weight_norm", no_reference)
     calls = []
-    families = {"row_norm_partials": norm_kernels, "lora_down": forward, "dora_forward": forward, "lora_up_grad": input_grad,
+    families = {"row_norm_partials": norm_kernels, "lora_down": forward, "dora_forward": forward,
+                "lora_up_grad": input_grad,
                 "dora_input_grad": input_grad, "magnitude_and_B_grad_partials": adapter_grads,
                 "lora_A_grad_partials": adapter_grads, "finish_adapter_grads": adapter_grads}
     names = tuple(families)

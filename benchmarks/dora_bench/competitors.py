@@ -304,7 +304,8 @@ def _compiled(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
-        _COMPILED["fn"] = torch.compile(_make_reference_fn(), backend=os.environ.get("BENCH_COMPILE_BACKEND", "inductor"))
+        _COMPILED["fn"] = torch.compile(_make_reference_fn(),
+                                        backend=os.environ.get("BENCH_COMPILE_BACKEND", "inductor"))
     fn = _COMPILED["fn"]
     W = _weight_for(data)
     A, B, mag = (nn.Parameter(t.to(data.ad).clone()) for t in (data.A, data.B, data.mag))

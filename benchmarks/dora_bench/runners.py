@@ -88,7 +88,8 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
 def run_model_case(spec: ModelSpec, args, dev: torch.device, log, left: Callable[[], float] = lambda: math.inf) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     integ = fused_integrations()
-    names = [n for n in MODEL_COMPETITORS if n in args.competitor_set or n.startswith("fused_") and "fused" in args.competitor_set]
+    names = [n for n in MODEL_COMPETITORS
+             if n in args.competitor_set or n.startswith("fused_") and "fused" in args.competitor_set]
     if spec.mode == "paper" and "fused_peft" in names and "enable_fused_dora" in integ:
         names = [n for n in names if n != "fused_replace"]  # one fused variant is enough for the 8B model
     warm, steps = (0, 1) if dev.type != "cuda" else (args.model_warmup, args.model_steps)
