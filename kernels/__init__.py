@@ -12,6 +12,7 @@ from .forward import lora_down, dora_forward
 from .input_grad import lora_up_grad, dora_input_grad
 from .adapter_grads import magnitude_and_B_grads, lora_A_grad
 from .composed import dora_compose_epilogue, add_lora_input_grad
+from .quant_norm import dora_quant_row_norm, dequantize_4bit_tiles
 
 __all__ = [
     "INTERPRET",
@@ -25,4 +26,6 @@ __all__ = [
     "lora_A_grad",
     "dora_compose_epilogue",
     "add_lora_input_grad",
+    "dora_quant_row_norm",
+    "dequantize_4bit_tiles",
 ]

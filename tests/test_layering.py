@@ -11,9 +11,9 @@ PACKAGE = ROOT / "fused_dora"
 # each module may import only modules of a lower layer (or of its own layer, for the leaves)
 LAYERS = [
     {"reference", "backend", "routes"},
-    {"validation", "drivers"},
+    {"validation", "drivers", "quantized"},
     {"autograd"},
-    {"functional"},
+    {"functional", "qdora"},
     {"norm_cache"},
     {"module"},
     {"replace", "integrations", "integrations.peft"},

@@ -1,0 +1,191 @@
+"""Row norm of a 4-bit (bitsandbytes NF4 / FP4) weight adapted by DoRA, read from its packed codes:
+
+    n_j = || dequant(W)_j + s * (B @ A)_j ||_2
+
+without a dense [N, K] temporary. bitsandbytes' storage of a weight [N, K] (row-major, flattened):
+
+    packed  uint8 [(N*K + 1) // 2]   element i's 4-bit code in byte i // 2, high nibble for even i
+    code    fp32 [16]                 the code table (NF4 or FP4 values in [-1, 1])
+    absmax  fp32 [ceil(N*K / bs)]     one scale per block of bs consecutive elements (bs = blocksize)
+      or, with double quantization ("nested", compress_statistics=True):
+    absmax  uint8 [ceil(N*K / bs)]    8-bit codes of (scale - offset)
+    absmax2 fp32 [ceil(blocks / bs2)] one scale per block of bs2 (256) absmax codes
+    code2   fp32 [256]                their code table (bitsandbytes' dynamic map)
+    offset  fp32 [1]                  the mean that was subtracted
+
+    dequant(W)[i] = round_to_dtype(code[q_i] * scale(i // bs))              (fp32 product)
+    scale(b)      = absmax[b]                                                (not nested)
+                  = code2[absmax[b]] * absmax2[b // bs2] + offset            (nested; fp32 product, then sum)
+
+exactly as bitsandbytes.functional.dequantize_4bit computes it (its kernels and its
+dequantize_blockwise + offset for the nested scales), rounded to the weight's dtype (the quant
+state's dtype, as PEFT's DoRA norm sees it). On a GPU the kernel is compiled without FMA
+contraction, so the product and the sum above are rounded apart, as bitsandbytes rounds them.
+
+One tiled pass: each program owns BLOCK_N rows and a slice of the K columns, unpacks its codes,
+looks up the code table and the block scales, forms the tile dequant(W) + s * B @ A in registers
+(fp32) and writes its partial sum of squares. The launcher adds the K slices (deterministic, no
+atomics) and takes the square root. Each packed byte is read from memory once.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import autotune, block_r, dot_precision, split_count
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(32, 128, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)]
+]
+_INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
+
+_ROUND_TO = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _quant_sumsq_smem_bytes(a) -> int:
+    """The B and A tiles of each pipeline stage (the codes are gathered, not staged), and the
+    [BLOCK_N, BLOCK_K] fp32 product tile that may change layout before it meets the weight tile."""
+    return (a["num_stages"] * (a["BLOCK_N"] + a["BLOCK_K"]) * a["BLOCK_R"] * a["lora_a_ptr"].element_size()
+            + a["BLOCK_N"] * a["BLOCK_K"] * 4)
+
+
+@triton.jit
+def dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
+                      BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                      ROUND_TO: tl.constexpr):
+    """fp32 tile of dequant(W) at the flat (row * K + col, int64) indices ``flat``; 0 where not ``mask``."""
+    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    block = flat // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE,
+                                                                        mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    w = value * scale
+    if ROUND_TO == 1:
+        w = w.to(tl.float16).to(tl.float32)
+    elif ROUND_TO == 2:  # to bf16, round to nearest even, on the bits (Triton's interpreter truncates)
+        bits = w.to(tl.uint32, bitcast=True)
+        w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return w
+
+
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, key=["N", "K", "R", "k_splits", "NESTED", "ROUND_TO", "PRECISION"],
+          smem_bytes=_quant_sumsq_smem_bytes, case_dtypes=(None, "lora_a_ptr"))
+@triton.jit
+def _quant_row_sumsq_kernel(
+    packed_ptr, code_ptr, absmax_ptr,      # packed codes uint8, code table fp32 [16], absmax (fp32, or uint8 if NESTED)
+    absmax2_ptr, code2_ptr, offset_ptr,    # NESTED only: absmax2 fp32, code2 fp32 [256], offset fp32 [1]
+    lora_a_ptr, lora_b_ptr,                # A [R, K], B [N, R] (same dtype)
+    out_ptr,                               # partial sums of squares [k_splits, N] fp32
+    N, K, R,
+    stride_ar, stride_ak, stride_bn, stride_br,
+    scaling,
+    k_splits,                              # the slices of K reduced in parallel
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROUND_TO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    row_base = rows.to(tl.int64) * K  # flat index of each row's first element: N * K may pass 2**31
+    # this program's K slice: whole BLOCK_K steps, so the slices tile K exactly
+    k_steps = tl.cdiv(K, BLOCK_K)
+    steps_per_split = tl.cdiv(k_steps, k_splits)
+    k_begin = pid_k * steps_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, K)
+
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                              row_base[:, None] + cols[None, :], mask, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ROUND_TO)
+        ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            ranks = r0 + tl.arange(0, BLOCK_R)
+            rank_ok = ranks < R
+            b = tl.load(lora_b_ptr + rows[:, None] * stride_bn + ranks[None, :] * stride_br,
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            a = tl.load(lora_a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak,
+                        mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+            ba = tl.dot(b, a, ba, input_precision=PRECISION)
+        tile = w + scaling * ba
+        sumsq += tl.sum(tile * tile, axis=1)
+    tl.store(out_ptr + pid_k * N + rows, sumsq, mask=row_ok)
+
+
+def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                        shape, weight_dtype: torch.dtype, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        *, nested_absmax: Optional[torch.Tensor] = None, nested_code: Optional[torch.Tensor] = None,
+                        nested_offset: Optional[torch.Tensor] = None, nested_blocksize: int = 256,
+                        k_splits: Optional[int] = None) -> torch.Tensor:
+    """n [N] fp32 = row-wise L2 norm of ``dequant(W) + scaling * lora_B @ lora_A`` (not clamped), W [N, K] = shape
+    stored 4-bit as in the module docstring.
+
+    packed: uint8, contiguous, (N*K + 1) // 2 bytes; code fp32 [16]; absmax fp32 (or uint8 with the
+    nested_* tensors: absmax2 fp32, code2 fp32 [256], offset fp32 [1], and nested_blocksize);
+    blocksize and nested_blocksize powers of two. dequant(W) is rounded to ``weight_dtype``
+    (fp32 / fp16 / bf16). lora_A [r, K], lora_B [N, r] (same dtype). The product B @ A runs as in
+    kernels.norm.dora_row_norm. k_splits overrides how many slices of K run in parallel.
+    """
+    N, K = int(shape[0]), int(shape[1])
+    R = lora_A.shape[0]
+    k_splits = k_splits or split_count(triton.cdiv(N, 32), triton.cdiv(K, 128), lora_A.device, rows_per_split_min=4)
+    partial = torch.empty((k_splits, N), dtype=torch.float32, device=lora_A.device)
+    precision = "tf32x3" if lora_A.dtype == torch.float32 else dot_precision(lora_A.dtype)
+    nested = nested_absmax is not None
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), k_splits)
+    # no FMA contraction: the scale's product and sum, and the code * scale product, are rounded as
+    # bitsandbytes rounds them (the interpreter never contracts)
+    _quant_row_sumsq_kernel[grid](
+        packed, code, absmax,
+        nested_absmax if nested else absmax, nested_code if nested else code, nested_offset if nested else code,
+        lora_A, lora_B, partial, N, K, R,
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling), k_splits,
+        BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=nested,
+        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_R=block_r(R), PRECISION=precision,
+        enable_fp_fusion=False,
+    )
+    return partial.sum(dim=0).sqrt()
+
+
+@triton.jit
+def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
+                         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                         ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    flat = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
+                          BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ROUND_TO)
+    tl.store(out_ptr + flat, w, mask=mask)
+
+
+def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape,
+                          weight_dtype: torch.dtype, *, nested_absmax: Optional[torch.Tensor] = None,
+                          nested_code: Optional[torch.Tensor] = None, nested_offset: Optional[torch.Tensor] = None,
+                          nested_blocksize: int = 256) -> torch.Tensor:
+    """The dense W [N, K] (fp32 holding ``weight_dtype`` values) exactly as the norm kernel forms its
+    tiles (``dequant_4bit_tile``). For tests and debugging only: the norm never materialises it."""
+    N, K = int(shape[0]), int(shape[1])
+    out = torch.empty((N, K), dtype=torch.float32, device=packed.device)
+    nested = nested_absmax is not None
+    grid = (triton.cdiv(N, 32), triton.cdiv(K, 32))
+    _dequant_4bit_kernel[grid](
+        packed, code, absmax, nested_absmax if nested else absmax, nested_code if nested else code,
+        nested_offset if nested else code, out, N, K,
+        BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=nested,
+        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_N=32, BLOCK_K=32, enable_fp_fusion=False,
+    )
+    return out
