@@ -35,7 +35,7 @@ from . import reference
 from .autograd import refuse_double_backward
 from .backend import load_kernels, resolve_backend
 from .drivers import draw_dropout_seed, fused_backward, fused_forward, magnitude_grad_rescale, narrow_column_offsets
-from .quantized import Packed4bit, describe_4bit, quantized_weight_norm
+from .quantized import Packed4bit, describe_4bit, describe_8bit, is_params4bit, quantized_weight_norm
 from .reference import NORM_EPS, magnitude_scale
 from .routes import check_route
 from .validation import check_backend, check_dense, check_dropout, check_scaling, check_tensor
@@ -102,6 +102,19 @@ def dora_weight_norm_4bit(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
     if lora_A.shape[0] < 1 or lora_B.dtype != lora_A.dtype:
         raise ValueError("lora_A and lora_B must share a dtype, with rank r >= 1")
     return quantized_weight_norm(packed, lora_A, lora_B, scaling, backend)
+
+
+def weight_norm_of(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                   backend: str = "auto") -> torch.Tensor:
+    """The row norm of a quantized weight, given as the layer holds it (a bitsandbytes Params4bit or
+    Int8Params): the ``norm_fn`` of a fused_dora.norm_cache.NormCache for quantized layers.
+    ValueError with the reason for a weight that cannot be read."""
+    if is_params4bit(weight):
+        return dora_weight_norm_4bit(weight, lora_A, lora_B, scaling, backend)
+    rows, reason = describe_8bit(weight)
+    if rows is None:
+        raise ValueError(f"fused_dora: cannot compute the norm of this weight: {reason}")
+    return quantized_weight_norm(rows, lora_A, lora_B, check_scaling(scaling), backend)
 
 
 class Dora4bitFunction(torch.autograd.Function):

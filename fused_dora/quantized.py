@@ -3,7 +3,7 @@ DoRA row norm ||dequant(W) + s·B·A|| without a dense dequantized [out, in] wei
 
     bnb_kind(module)           "4bit" (bnb.nn.Linear4bit), "8bit" (bnb.nn.Linear8bitLt) or None
     describe_4bit(weight, ...) (Packed4bit, None) or (None, why it cannot be served)
-    describe_8bit(module)      (Int8Rows, None) or (None, why)
+    describe_8bit(weight, ...) (Int8Rows, None) or (None, why)
     quantized_weight_norm(...) n [out] fp32: the Triton kernel over the packed 4-bit codes
                                (kernels/quant_norm.py), or 8-bit rows dequantized in bounded chunks
 
@@ -232,11 +232,15 @@ class Int8Rows:
         return f"int8 {self.shape[0]}x{self.shape[1]}"
 
 
-def describe_8bit(module) -> Tuple[Optional[Int8Rows], Optional[str]]:
-    """(Int8Rows, None) for a quantized Linear8bitLt whose weight the norm can read, else (None, why)."""
-    weight = module.weight
+def is_int8params(t) -> bool:
+    return _is_instance(t, ("nn", "Int8Params"))
+
+
+def describe_8bit(weight, module=None) -> Tuple[Optional[Int8Rows], Optional[str]]:
+    """(Int8Rows, None) for a quantized bitsandbytes 8-bit weight (Int8Params) the norm can read,
+    else (None, why). ``module``: its Linear8bitLt (its state, and the shape to check)."""
     state = getattr(module, "state", None)
-    if getattr(state, "has_fp16_weights", False):
+    if getattr(state, "has_fp16_weights", False) or getattr(weight, "has_fp16_weights", False):
         return None, "Linear8bitLt with has_fp16_weights=True (its weight is not quantized)"
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
         dtype = getattr(weight, "dtype", type(weight).__name__)
@@ -245,11 +249,10 @@ def describe_8bit(module) -> Tuple[Optional[Int8Rows], Optional[str]]:
     scb = getattr(weight, "SCB", None)
     if scb is None:
         scb = getattr(state, "SCB", None)
-    N, K = module.out_features, module.in_features
-    if tuple(weight.shape) != (N, K) or weight.data.dim() != 2:
-        return None, (f"the 8-bit weight has shape {tuple(weight.shape)}, not {N}x{K} "
-                      "(flattened or sharded by FSDP?)")
-    if scb is None or tuple(scb.shape) != (N,):
+    shape = tuple(weight.shape)
+    if module is not None and shape != (module.out_features, module.in_features) or len(shape) != 2:
+        return None, f"the 8-bit weight has shape {shape}, not [out_features, in_features] (flattened or sharded by FSDP?)"
+    if scb is None or tuple(scb.shape) != shape[:1]:
         return None, "the 8-bit weight has no row scales (SCB) of shape [out_features]"
     if scb.device != weight.device:
         return None, "the 8-bit weight's row scales are not on its device"

@@ -15,7 +15,7 @@ LAYERS = [
     {"autograd"},
     {"functional", "qdora"},
     {"norm_cache"},
-    {"module"},
+    {"module", "integrations.peft_bnb"},
     {"replace", "integrations", "integrations.peft"},
     {"integrations.transformers"},
     {"fused_dora"},  # the package's __init__
