@@ -16,6 +16,7 @@ LAYERS = [
     {"functional", "qdora"},
     {"norm_cache"},
     {"module", "integrations.peft_bnb"},
+    {"qmodule"},
     {"replace", "integrations", "integrations.peft"},
     {"integrations.transformers"},
     {"fused_dora"},  # the package's __init__
