@@ -181,11 +181,11 @@ def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torc
     N, K = int(shape[0]), int(shape[1])
     out = torch.empty((N, K), dtype=torch.float32, device=packed.device)
     nested = nested_absmax is not None
-    grid = (triton.cdiv(N, 32), triton.cdiv(K, 32))
+    grid = (triton.cdiv(N, 32), triton.cdiv(K, 128))
     _dequant_4bit_kernel[grid](
         packed, code, absmax, nested_absmax if nested else absmax, nested_code if nested else code,
         nested_offset if nested else code, out, N, K,
         BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=nested,
-        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_N=32, BLOCK_K=32, enable_fp_fusion=False,
+        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_N=32, BLOCK_K=128, enable_fp_fusion=False,
     )
     return out

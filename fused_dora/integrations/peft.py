@@ -26,6 +26,7 @@ from ..norm_cache import NormCache
 from ..qdora import weight_norm_of
 from ..quantized import bnb_kind
 from .peft_bnb import bnb_forward, peft_bnb_layer_kind, structural_reason as bnb_structural_reason
+from .peft_bnb import weight_reason as bnb_weight_reason
 from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
@@ -183,6 +184,7 @@ class _FusedForward(_LayerBound):
     def status(self) -> str:
         """"fused", or why PEFT's path or the reference path runs (see fused_dora_status)."""
         _, reason = _active_adapter_or_reason(self.layer, self.dropout_semantics)
+        reason = reason or bnb_weight_reason(self.layer)  # a bitsandbytes weight that cannot be read now
         return reason or self.last_input_reason or _fused_status(self.last_reference_reason)
 
     def peft_forward(self, x, *args, **kwargs):

@@ -90,6 +90,16 @@ def _input_reason(x, qweight, bias, tensors, compute_dtype) -> Optional[str]:
     return None
 
 
+def weight_reason(layer) -> Optional[str]:
+    """Why the quantized weight of ``layer`` (a PEFT layer) cannot be read now, None if it can or if
+    its base is not a bitsandbytes layer: fused_dora_status says so before any forward."""
+    base = layer.get_base_layer()
+    kind = bnb_kind(base)
+    if kind is None:
+        return None
+    return (describe_4bit(base.weight, base) if kind == "4bit" else describe_8bit(base.weight, base))[1]
+
+
 def bnb_forward(fwd, layer, base, adapter: str, x):
     """One call of a switched PEFT bitsandbytes DoRA layer (``fwd``: its _FusedForward): the fused
     op, or PEFT's own forward with the reason kept for fused_dora_status."""
