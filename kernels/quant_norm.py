@@ -44,6 +44,14 @@ _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
 _ROUND_TO = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _shift(blocksize: int) -> int:
+    """log2 of a power-of-two block size (bitsandbytes' are 32 ... 4096; nested: 256)."""
+    blocksize = int(blocksize)
+    if blocksize < 1 or blocksize & (blocksize - 1):
+        raise ValueError(f"block size {blocksize} is not a power of two")
+    return blocksize.bit_length() - 1
+
+
 def _quant_sumsq_smem_bytes(a) -> int:
     """The B and A tiles of each pipeline stage (the codes are gathered, not staged), and the
     [BLOCK_N, BLOCK_K] fp32 product tile that may change layout before it meets the weight tile."""
@@ -52,21 +60,27 @@ def _quant_sumsq_smem_bytes(a) -> int:
 
 
 @triton.jit
-def dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
-                      BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+def dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, local, mask,
+                      BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr,
                       ROUND_TO: tl.constexpr):
-    """fp32 tile of dequant(W) at the flat (row * K + col, int64) indices ``flat``; 0 where not ``mask``."""
-    byte = tl.load(packed_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 15)
+    """fp32 tile of dequant(W) at the flat indices start + local (``start``: the tile's first flat index,
+    int64; ``local``: int32 offsets from it, >= 0); 0 where not ``mask``. Blocks of 2**BLOCK_SHIFT
+    elements, nested blocks of 2**NESTED_SHIFT absmax codes. 64-bit arithmetic only on the
+    program's scalars: per element, 32-bit offsets (fewer registers)."""
+    half = local + (start & 1).to(tl.int32)                 # flat - 2 * (start // 2)
+    byte = tl.load(packed_ptr + (start >> 1) + (half >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((half & 1) == 0, byte >> 4, byte & 15)  # the even element in the high nibble
     value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    block = flat // BLOCKSIZE
+    block0 = start >> BLOCK_SHIFT                            # the tile's first block
+    block = (local + (start & ((1 << BLOCK_SHIFT) - 1)).to(tl.int32)) >> BLOCK_SHIFT  # from block0
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE,
-                                                                        mask=mask, other=0.0)
+        q = tl.load(absmax_ptr + block0 + block, mask=mask, other=0).to(tl.int32)
+        nested = (block + (block0 & ((1 << NESTED_SHIFT) - 1)).to(tl.int32)) >> NESTED_SHIFT
+        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(
+            absmax2_ptr + (block0 >> NESTED_SHIFT) + nested, mask=mask, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.load(absmax_ptr + block0 + block, mask=mask, other=0.0)
     w = value * scale
     if ROUND_TO == 1:
         w = w.to(tl.float16).to(tl.float32)
@@ -88,14 +102,17 @@ def _quant_row_sumsq_kernel(
     stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
     k_splits,                              # the slices of K reduced in parallel
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROUND_TO: tl.constexpr,
+    BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr, ROUND_TO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    row_base = rows.to(tl.int64) * K  # flat index of each row's first element: N * K may pass 2**31
+    # each element's flat index row * K + col, as the tile's first (64-bit: N * K may pass 2**31)
+    # plus a 32-bit offset (BLOCK_N * K < 2**31)
+    local_rows = tl.arange(0, BLOCK_N)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
     # this program's K slice: whole BLOCK_K steps, so the slices tile K exactly
     k_steps = tl.cdiv(K, BLOCK_K)
     steps_per_split = tl.cdiv(k_steps, k_splits)
@@ -108,7 +125,7 @@ def _quant_row_sumsq_kernel(
         col_ok = cols < k_end
         mask = row_ok[:, None] & col_ok[None, :]
         w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                              row_base[:, None] + cols[None, :], mask, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ROUND_TO)
+                              row0.to(tl.int64) * K + k0, local_rows, mask, BLOCK_SHIFT, NESTED_SHIFT, NESTED, ROUND_TO)
         ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
@@ -152,7 +169,7 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
         lora_A, lora_B, partial, N, K, R,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling), k_splits,
-        BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=nested,
+        BLOCK_SHIFT=_shift(blocksize), NESTED_SHIFT=_shift(nested_blocksize), NESTED=nested,
         ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_R=block_r(R), PRECISION=precision,
         enable_fp_fusion=False,
     )
@@ -161,15 +178,18 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
 
 @triton.jit
 def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
-                         BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                         BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr,
                          ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row0 = tl.program_id(0) * BLOCK_N
+    k0 = tl.program_id(1) * BLOCK_K
+    rows = row0 + tl.arange(0, BLOCK_N)
+    cols = k0 + tl.arange(0, BLOCK_K)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
-    flat = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat, mask,
-                          BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ROUND_TO)
-    tl.store(out_ptr + flat, w, mask=mask)
+    local = tl.arange(0, BLOCK_N)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
+    start = row0.to(tl.int64) * K + k0
+    w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, local, mask,
+                          BLOCK_SHIFT, NESTED_SHIFT, NESTED, ROUND_TO)
+    tl.store(out_ptr + start + local, w, mask=mask)
 
 
 def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape,
@@ -185,7 +205,7 @@ def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torc
     _dequant_4bit_kernel[grid](
         packed, code, absmax, nested_absmax if nested else absmax, nested_code if nested else code,
         nested_offset if nested else code, out, N, K,
-        BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=nested,
+        BLOCK_SHIFT=_shift(blocksize), NESTED_SHIFT=_shift(nested_blocksize), NESTED=nested,
         ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_N=32, BLOCK_K=128, enable_fp_fusion=False,
     )
     return out
