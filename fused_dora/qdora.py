@@ -26,7 +26,7 @@ Differentiable once, as dora_linear (a backward with create_graph=True raises); 
 backend (bf16 under Triton's interpreter, CPU without it, float64) recomputes its forward in the
 backward (torch.utils.checkpoint), so it saves no dequantized weight either.
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.utils.checkpoint
@@ -43,7 +43,7 @@ from .validation import check_backend, check_dense, check_dropout, check_scaling
 QUANTIZED_ROUTE = "composed"  # the route every quantized call takes (see the module docstring)
 
 
-def as_packed_4bit(weight) -> Packed4bit:
+def as_packed_4bit(weight: Union[torch.Tensor, Packed4bit]) -> Packed4bit:
     """``weight`` (a bitsandbytes Params4bit, or a Packed4bit) as a Packed4bit; ValueError with the
     reason where the kernels cannot read it."""
     if isinstance(weight, Packed4bit):
@@ -88,8 +88,8 @@ def _needs_grad(*tensors) -> bool:
 
 
 # ---- 4-bit ------------------------------------------------------------------------------------
-def dora_weight_norm_4bit(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                          backend: str = "auto") -> torch.Tensor:
+def dora_weight_norm_4bit(weight: Union[torch.Tensor, Packed4bit], lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scaling: float, backend: str = "auto") -> torch.Tensor:
     """n [out] fp32 = ||dequant(W) + scaling · lora_B @ lora_A|| per row, detached, not clamped; W a
     quantized bitsandbytes Params4bit (or Packed4bit). The Triton kernel reads the packed codes
     and forms no [out, in] tensor; dequant(W) is exactly bitsandbytes' dequantize_4bit."""
@@ -104,7 +104,7 @@ def dora_weight_norm_4bit(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, sc
     return quantized_weight_norm(packed, lora_A, lora_B, scaling, backend)
 
 
-def weight_norm_of(weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+def weight_norm_of(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                    backend: str = "auto") -> torch.Tensor:
     """The row norm of a quantized weight, given as the layer holds it (a bitsandbytes Params4bit or
     Int8Params): the ``norm_fn`` of a fused_dora.norm_cache.NormCache for quantized layers.
@@ -153,7 +153,7 @@ class Dora4bitFunction(torch.autograd.Function):
 
 def dora_linear_4bit(
     x: torch.Tensor,
-    weight,
+    weight: Union[torch.Tensor, Packed4bit],
     bias: Optional[torch.Tensor],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,

@@ -188,7 +188,8 @@ def describe_4bit(weight, module=None) -> Tuple[Optional[Packed4bit], Optional[s
         if not isinstance(nbs, int) or nbs < 1 or nbs & (nbs - 1):
             return None, f"double quantization with nested blocksize {nbs!r} (not a power of two) is not served"
         if absmax.dtype != torch.uint8 or st2.code is None or st2.code.numel() != 256 or qs.offset is None:
-            return None, "the double-quantized absmax is not stored as bitsandbytes stores it (uint8 codes, 256-entry map, offset)"
+            return None, ("the double-quantized absmax is not stored as bitsandbytes stores it (uint8 codes, a "
+                          "256-entry map, an offset)")
         if absmax.numel() != blocks or st2.absmax.numel() != -(-blocks // nbs):
             return None, (f"the 4-bit quant state holds {absmax.numel()} absmax codes / {st2.absmax.numel()} nested "
                           f"scales, a {N}x{K} weight in blocks of {blocksize} needs {blocks} / {-(-blocks // nbs)}")
@@ -251,7 +252,8 @@ def describe_8bit(weight, module=None) -> Tuple[Optional[Int8Rows], Optional[str
         scb = getattr(state, "SCB", None)
     shape = tuple(weight.shape)
     if module is not None and shape != (module.out_features, module.in_features) or len(shape) != 2:
-        return None, f"the 8-bit weight has shape {shape}, not [out_features, in_features] (flattened or sharded by FSDP?)"
+        return None, (f"the 8-bit weight has shape {shape}, not [out_features, in_features] (flattened or sharded "
+                      "by FSDP?)")
     if scb is None or tuple(scb.shape) != shape[:1]:
         return None, "the 8-bit weight has no row scales (SCB) of shape [out_features]"
     if scb.device != weight.device:
