@@ -61,6 +61,7 @@ from fused_dora import drivers  # noqa: E402
 from fused_dora.backend import load_kernels  # noqa: E402
 
 load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
+from fused_dora.kernels import _launch  # noqa: E402
 from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
                                         smem_budget, spill_case)
 
@@ -123,7 +124,7 @@ def _record(calls, name, *args, grid, warmup, **kwargs):
     calls.append((name, args, kwargs))
 
 
-def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
+def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 132):
     """[(kernel name, args, kwargs)] of every autotuned launch of one training step, on both routes.
 
     fused_dora's own drivers of the launchers (the norm, the 4-bit norm, the forward, the backward with every
@@ -140,10 +141,12 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
     mag = torch.empty(N, dtype=adapter_dtype, device=meta)
     dy = torch.empty(M, N, dtype=x_dtype, device=meta)
     calls = []
+    real_num_sms = _launch.num_sms
+    _launch.num_sms = lambda device: sms
     for name, tuned in TUNED_KERNELS.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
-        norm = drivers.row_norm(w, a, b, s)
+        norm = drivers.row_norm(w, a, b, s)  # the norm pass finishing its rows itself, then (eval) cached
         # the row norm of a 4-bit weight (QDoRA, kernels/quant_norm.py): NF4 codes, double-quantized
         # absmax (what QLoRA uses), dequantized to the activation dtype
         blocks = -(-N * Kd // 64)
@@ -152,14 +155,15 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool):
             torch.empty(blocks, dtype=torch.uint8, device=meta), 64, (N, Kd), x_dtype, a, b, s,
             nested_absmax=torch.empty(-(-blocks // 256), device=meta), nested_code=torch.empty(256, device=meta),
             nested_offset=torch.empty(1, device=meta))
-        mag_scale = torch.empty(N, dtype=torch.float32, device=meta)
         for route in ("fused", "composed"):
-            if not dropout:  # inference: no q stored
+            if not dropout:  # inference with the cached norm: no q stored
                 drivers.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)
-            _, su, q = drivers.fused_forward(x, w, bias, a, b, mag, norm, s, p, seed, True, route=route)
-            drivers.fused_backward(dy, x, w, a, b, su, q, mag_scale, norm, mag.dtype, s, p, seed, need_dx=True,
-                                   need_da=True, need_db=True, need_dmag=True, route=route)
+            # training: the norm's partial sums, finished by the GEMM's epilogue
+            _, su, q, norm = drivers.fused_forward(x, w, bias, a, b, mag, None, s, p, seed, True, route=route)
+            drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=True, need_da=True,
+                                   need_db=True, need_dmag=True, route=route)
     finally:
+        _launch.num_sms = real_num_sms
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run
     return calls
@@ -177,10 +181,14 @@ def build_jobs(target_name: str, cases):
     driver.set_active(TargetDriver(target))  # launchers may choose arguments by the GPU's architecture
     rows, jobs, seen = [], {}, set()
     for xd, ad, r, dropout in cases:
-        for name, args, kwargs in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout):
+        launches = [call for sms in (132, 1) for call in captured_launches(DTYPES[xd], DTYPES[ad], r, dropout, sms)]
+        for name, args, kwargs in launches:
             tuned = TUNED_KERNELS[name]
             arg_map = {**dict(zip(tuned.kernel.arg_names, args)), **kwargs}
-            switch = case_variant(kwargs)
+            # the forward epilogues finishing the norm's partial sums: one slice or several (the loads
+            # are unrolled), compiled apart; the spill table keeps their union under one case
+            splits = kwargs.get("NORM_SPLITS", 0)
+            switch = case_variant(kwargs) + ("" if not splits else " 1-norm-split" if splits == 1 else " norm-splits")
             if (name, xd, ad, r, switch) in seen:
                 continue
             seen.add((name, xd, ad, r, switch))

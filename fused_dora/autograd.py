@@ -74,18 +74,21 @@ def input_grads(needs, dy, saved, scaling, dropout_p, seed, route="fused", backw
     x, weight, bias, lora_A, lora_B, magnitude, norm, su, q = saved
     need_dx, need_dw, need_dbias, need_da, need_db, need_dmag = needs
     dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
-    mag_scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, bit for bit the forward's
-    dx, da, db, dmag = backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude.dtype, scaling,
-                                dropout_p, seed, need_dx=need_dx, need_da=need_da, need_db=need_db,
-                                need_dmag=need_dmag, route=route)
-    dw, dbias = frozen_grads(dy, x, mag_scale, weight, bias, need_dw, need_dbias)
+    dx, da, db, dmag = backward(dy, x, weight, lora_A, lora_B, su, q, magnitude.detach(), norm, scaling, dropout_p,
+                                seed, need_dx=need_dx, need_da=need_da, need_db=need_db, need_dmag=need_dmag,
+                                route=route)
+    dw = dbias = None
+    if need_dw or need_dbias:  # frozen in DoRA: only for callers who train them anyway
+        mag_scale = magnitude_scale(magnitude.detach(), norm.float())  # c [N] fp32, bit for bit the forward's
+        dw, dbias = frozen_grads(dy, x, mag_scale, weight, bias, need_dw, need_dbias)
     return dx, dw, dbias, da, db, dmag
 
 
 # ---- eager route ----------------------------------------------------------------------------------
 class FusedDoraFunction(torch.autograd.Function):
-    """forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32, scaling, dropout_p,
-    seed: int, out_shape, route) -> y of out_shape ([..., N]), a tensor of its own (not a view), so
+    """forward(x [M, K], weight, bias, lora_A, lora_B, magnitude, norm [N] fp32 or None (computed in
+    the forward), scaling, dropout_p, seed: int, out_shape, route) -> y of out_shape ([..., N]), a
+    tensor of its own (not a view), so
     in-place ops on it (ReLU(inplace=True), h += residual) are allowed as after nn.Linear.
     ``route``: fused_dora.routes' "fused", "composed" or "auto" (chosen apart for the backward).
 
@@ -96,8 +99,8 @@ class FusedDoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape, route):
         needs = ctx.needs_input_grad[:6]
-        y, su, q = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-                                 store_q=needs[5], out_shape=out_shape, route=route)
+        y, su, q, norm = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                                       store_q=needs[5], out_shape=out_shape, route=route)
         ctx.save_for_backward(*saved_tensors(needs, x, weight, bias, lora_A, lora_B, magnitude, norm, su, q))
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.route = scaling, dropout_p, seed, route
         return y
@@ -123,38 +126,41 @@ def _(weight, lora_A, lora_B, scaling):
 
 @torch.library.custom_op("fused_dora::dora_fwd", mutates_args=())
 def dora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-             norm: Tensor, scaling: float, dropout_p: float, seed: Tensor, store_q: bool, route: str
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y [M, N], su [M, r] in lora_A's dtype, q [M, N] or [0]) for 2-D x [M, K]."""
-    y, su, q = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
-                             int(seed.item()), store_q, route=route)
-    return y, su, (q if q is not None else x.new_empty((0,)))
+             norm: Optional[Tensor], scaling: float, dropout_p: float, seed: Tensor, store_q: bool, route: str
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y [M, N], su [M, r] in lora_A's dtype, q [M, N] or [0], the norm [N] fp32 computed here or
+    [0]) for 2-D x [M, K]; ``norm`` None: computed here (the norm pass's partial sums, finished in
+    the GEMM's epilogue), else used as given (a custom op cannot return its input)."""
+    y, su, q, used = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p,
+                                   int(seed.item()), store_q, route=route)
+    no_q, no_norm = x.new_empty((0,)), x.new_empty((0,), dtype=torch.float32)  # two: returns must not alias
+    return y, su, (q if q is not None else no_q), (used if norm is None else no_norm)
 
 
 @dora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, route):
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
-            x.new_empty((M, N) if store_q else (0,)))
+            x.new_empty((M, N) if store_q else (0,)), x.new_empty((N,) if norm is None else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("fused_dora::dora_bwd", mutates_args=())
 def dora_bwd(dy: Tensor, x: Optional[Tensor], weight: Tensor, lora_A: Tensor, lora_B: Tensor, magnitude: Tensor,
-             su: Optional[Tensor], q: Optional[Tensor], mag_scale: Tensor, norm: Tensor, scaling: float,
+             su: Optional[Tensor], q: Optional[Tensor], norm: Tensor, scaling: float,
              dropout_p: float, seed: Tensor, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool,
              route: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dmagnitude); an empty tensor stands for a gradient that was not needed.
 
     x may be None unless need_da, su None unless need_db, q None unless need_dmag.
     """
-    grads = fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude.dtype, scaling, dropout_p,
+    grads = fused_backward(dy, x, weight, lora_A, lora_B, su, q, magnitude, norm, scaling, dropout_p,
                            int(seed.item()), need_dx=need_dx, need_da=need_da, need_db=need_db, need_dmag=need_dmag,
                            route=route)
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @dora_bwd.register_fake
-def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, mag_scale, norm, scaling, dropout_p, seed,
+def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, norm, scaling, dropout_p, seed,
       need_dx, need_da, need_db, need_dmag, route):
     empty = dy.new_empty((0,))
     return (dy.new_empty((dy.shape[0], weight.shape[1])) if need_dx else empty,
@@ -164,27 +170,26 @@ def _(dy, x, weight, lora_A, lora_B, magnitude, su, q, mag_scale, norm, scaling,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, route = inputs
-    y, su, q = output
+    x, weight, bias, lora_A, lora_B, magnitude, given_norm, scaling, dropout_p, seed, store_q, route = inputs
+    y, su, q, computed_norm = output
+    norm = given_norm if given_norm is not None else computed_norm
     needs = ctx.needs_input_grad[:6]
     if needs[5] and not store_q:
         raise RuntimeError("fused_dora::dora_fwd was called with store_q=False, so it cannot give the "
                            "magnitude gradient; pass store_q=True when magnitude requires grad")
     ctx.save_for_backward(*saved_tensors(needs, x, weight, bias, lora_A, lora_B, magnitude, norm, su, q), seed)
     ctx.scaling, ctx.dropout_p, ctx.route = scaling, dropout_p, route
-    ctx.mark_non_differentiable(su, q)
+    ctx.mark_non_differentiable(su, q, computed_norm)
 
 
-def _backward(ctx, dy, _dsu, _dq):
+def _backward(ctx, dy, _dsu, _dq, _dnorm):
     *saved, seed = ctx.saved_tensors
-    magnitude = saved[5]
 
-    def through_op(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude_dtype, scaling, dropout_p, seed, *,
+    def through_op(dy, x, weight, lora_A, lora_B, su, q, magnitude, norm, scaling, dropout_p, seed, *,
                    need_dx, need_da, need_db, need_dmag, route):
-        """fused_backward's signature, run as the opaque dora_bwd op (which takes the magnitude
-        tensor, not its dtype); the op's empty tensors become None."""
+        """fused_backward's signature, run as the opaque dora_bwd op; its empty tensors become None."""
         needs = (need_dx, need_da, need_db, need_dmag)
-        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, mag_scale, norm, scaling, dropout_p, seed,
+        grads = dora_bwd(dy, x, weight, lora_A, lora_B, magnitude, su, q, norm, scaling, dropout_p, seed,
                          *needs, route)
         return tuple(g if need else None for g, need in zip(grads, needs))
 

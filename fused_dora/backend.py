@@ -3,6 +3,7 @@
     load_kernels()            fused_dora.kernels (imports triton), also from a source checkout
     reference_reason(...)     None where the kernels run, else why the reference path does
     resolve_backend(...)      "triton" | "reference" for a call; raises where "triton" was forced
+    version_reason(...)       why an installed triton (or its interpreter's numpy) cannot run the kernels
 
 Nothing here imports triton until a kernel is needed.
 """
@@ -10,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import re
 import sys
 import warnings
 from typing import Optional
@@ -80,16 +82,56 @@ def _find_device_reason(device_type: str, interpret_env: str) -> Optional[str]:
             return "CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
     elif device_type != "cuda":
         return f"Triton kernels do not run on {device_type} tensors"
-    try:
-        kernels = load_kernels()
-    except Exception as exc:  # noqa: BLE001 - any failure to import is reported, never swallowed
-        why = f"the Triton kernels cannot be imported ({type(exc).__name__}: {exc})"
+    why, kernels = _installation_reason()
+    if why is not None:
         # a device that should run the kernels: say so once, loudly, rather than run slowly in silence
         warnings.warn(f"fused_dora: {why}; the PyTorch reference path runs instead (same results, slower). "
                       "backend='triton' raises instead.", FusedDoraWarning, stacklevel=5)
         return why
     if device_type == "cpu" and not kernels.INTERPRET:
         return "triton was imported before TRITON_INTERPRET=1 was set, so kernels are compiled for a GPU"
+    return None
+
+
+def _installation_reason():
+    """(why the installed triton, or the numpy its interpreter uses, cannot run the kernels, None),
+    else (None, fused_dora.kernels)."""
+    try:
+        import triton
+
+        why = version_reason(getattr(triton, "__version__", ""))
+        if why is not None:  # checked first: an older triton may fail in importing the kernels
+            return why, None
+        kernels = load_kernels()
+    except Exception as exc:  # noqa: BLE001 - any failure to import is reported, never swallowed
+        return f"the Triton kernels cannot be imported ({type(exc).__name__}: {exc})", None
+    if kernels.INTERPRET:
+        numpy = sys.modules.get("numpy")  # imported by triton's interpreter
+        why = version_reason(triton.__version__, getattr(numpy, "__version__", None))
+    return why, (None if why else kernels)
+
+
+# The oldest triton whose interpreter and compiler run the kernels (measured): pyproject.toml's bound.
+MIN_TRITON = (3, 3)
+
+
+def _major_minor(version: str) -> Optional[tuple]:
+    """(3, 6) for '3.6.0', '3.6.0+git1a2b3c' or '3.6'; None where it does not start with two numbers."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def version_reason(triton_version: str, numpy_version: Optional[str] = None) -> Optional[str]:
+    """Why this triton cannot run the kernels, or None. ``numpy_version``: that of the numpy
+    Triton's interpreter runs on (None: the kernels are compiled). Unparsed versions pass."""
+    triton_v, numpy_v = _major_minor(triton_version), _major_minor(numpy_version or "")
+    if triton_v is not None and triton_v < MIN_TRITON:
+        return f"triton {triton_version} is older than fused_dora supports (triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]})"
+    # Before 3.7 the interpreter makes an index of a 1-element array with int(array), which numpy
+    # 2.4 refuses: "only 0-dimensional arrays can be converted to Python scalars".
+    if triton_v is not None and triton_v < (3, 7) and numpy_v is not None and numpy_v >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter needs numpy < 2.4 (numpy {numpy_version} is installed; "
+                "triton >= 3.7 takes numpy 2.4)")
     return None
 
 

@@ -46,61 +46,48 @@ def no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def pow2_floor(v: torch.Tensor) -> torch.Tensor:
-    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
-    return (v.view(torch.int32) & 0x7F800000).view(torch.float32)
-
-
-def magnitude_grad_rescale(mag_scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; mag_scale = c, n = max(norm, eps).
-
-    The forward saves q = ypre * t for the magnitude gradient rather than ypre: multiplying by a
-    power of two is exact, and |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits wherever
-    y is, while ypre = (y - bias) / c overflows fp16 for a small c. The forward's epilogue forms t
-    with the same bits (kernels.epilogue.magnitude_grad_rescale).
-    """
-    t = pow2_floor(mag_scale)
-    return torch.where(t > 0, t, pow2_floor(1.0 / n))
-
-
 def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """n [N] fp32 = ||weight + scaling * lora_B @ lora_A|| per row (one tiled pass over weight)."""
     return load_kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
 
 
-def forward_fused(x, weight, su, lora_B, magnitude, norm, bias, store_q: bool, out: torch.Tensor):
+def forward_fused(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
     """Route "fused": one Triton GEMM x @ W.T + su @ B.T with the DoRA epilogue; writes y into
-    ``out`` [M, N]; returns q [M, N] (store_q) or None."""
-    k = load_kernels()
-    return k.dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out)[1]
+    ``out`` [M, N] (and a norm given as partial sums, finished, into ``norm_out``); returns q [M, N]
+    (store_q) or None."""
+    return load_kernels().dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out,
+                                       norm_out=norm_out)[1]
 
 
-def forward_composed(x, weight, su, lora_B, magnitude, norm, bias, store_q: bool, out: torch.Tensor):
+def forward_composed(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
     """Route "composed": torch.mm writes x @ W.T into ``out`` [M, N], then one Triton pass adds
     su @ B.T and applies the same epilogue in place; returns q [M, N] (store_q) or None."""
-    k = load_kernels()
     with no_autocast(x.device):  # dora_linear already applied autocast's dtype
         torch.mm(x, weight.t(), out=out)
-    return k.dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q)
+    return load_kernels().dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q,
+                                                norm_out=norm_out)
 
 
-def input_grad_fused(dy, mag_scale, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-    """Route "fused": (v, dx), v = (dy * c) @ B [M, r] fp32 by one row pass, then one Triton GEMM
-    dx = (dy * c) @ W + s * dropout_bwd(v @ A)."""
-    k = load_kernels()
-    v = k.lora_up_grad(dy, mag_scale, lora_B)
-    return v, k.dora_input_grad(dy, mag_scale, weight, v, lora_A, scaling, dropout_p, seed)
-
-
-def input_grad_composed(dy, mag_scale, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
-    """Route "composed": (v, dx); the row pass that forms v also writes e = dy * c, torch.mm forms
-    e @ W, and one Triton pass adds s * dropout_bwd(v @ A) in place."""
-    k = load_kernels()
+def _scaled_grad_and_v(dy, magnitude, norm, lora_B):
+    """(e, v): e = dy * c [M, N] (dy's dtype) and v = e @ B [M, r] fp32, from one row pass over dy."""
     e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-    v = k.lora_up_grad(dy, mag_scale, lora_B, e_out=e)
+    return e, load_kernels().lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=e)
+
+
+def input_grad_fused(dy, magnitude, norm, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Route "fused": (v, dx); one row pass forms e = dy * c and v = e @ B, then one Triton GEMM
+    dx = e @ W + s * dropout_bwd(v @ A)."""
+    e, v = _scaled_grad_and_v(dy, magnitude, norm, lora_B)
+    return v, load_kernels().dora_input_grad(e, weight, v, lora_A, scaling, dropout_p, seed)
+
+
+def input_grad_composed(dy, magnitude, norm, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Route "composed": (v, dx); the same row pass, torch.mm forms e @ W, and one Triton pass adds
+    s * dropout_bwd(v @ A) in place."""
+    e, v = _scaled_grad_and_v(dy, magnitude, norm, lora_B)
     with no_autocast(dy.device):  # a backward inherits the forward's autocast
         dx = torch.mm(e, weight)
-    k.add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
+    load_kernels().add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
     return v, dx
 
 
@@ -110,13 +97,15 @@ INPUT_GRAD_ROUTES = {"fused": input_grad_fused, "composed": input_grad_composed}
 
 def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, store_q, out_shape=None,
                   route="fused"):
-    """The forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None).
+    """The forward on 2-D x [M, K]: (y, su [M, r], q [M, N] or None, norm [N] fp32).
 
     y has ``out_shape`` (default [M, N]; any shape of M * N elements, so that a caller can
     return y itself rather than a view of it). su = scaling * dropout(x) @ lora_A.T (in
     lora_A's dtype, rounded once, as PEFT rounds lora_A's output) and q = (x @ W.T + su @ B.T) * t
-    (x's dtype; t per column, see magnitude_grad_rescale) are what the backward reads; q only
-    with ``store_q`` (for the magnitude gradient). ``route`` ("fused", "composed" or "auto", see
+    (x's dtype; t per column, see kernels.epilogue.magnitude_grad_rescale) are what the backward reads; q only
+    with ``store_q`` (for the magnitude gradient). ``norm``: n [N] fp32 to use, or None: the norm
+    pass writes its partial sums and the GEMM's epilogue finishes them (no launch in between);
+    the norm returned is the one used. ``route`` ("fused", "composed" or "auto", see
     fused_dora.routes): lora_down, then `forward_fused` or `forward_composed`.
     """
     k = load_kernels()
@@ -124,38 +113,44 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
     y = x.new_empty(out_shape if out_shape is not None else (M, N))
     if M == 0:
         su = torch.empty((0, R), dtype=lora_A.dtype, device=x.device)
-        return y, su, (x.new_empty((0, N)) if store_q else None)
+        norm = row_norm(weight, lora_A, lora_B, scaling) if norm is None else norm
+        return y, su, (x.new_empty((0, N)) if store_q else None), norm
+    norm_out = None
+    if norm is None:
+        norm = k.row_norm_partials(weight, lora_A, lora_B, scaling)
+        norm_out = torch.empty((N,), dtype=torch.float32, device=x.device)
     su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
-    args = (x, weight, su, lora_B, magnitude, norm, bias, store_q)
+    args = (x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q)
     case = RouteCase("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0, store_q)
     chosen = known_route(route, case)
     if chosen is None:  # "auto" has not timed this case yet: each route writes to a scratch y
         chosen = timed_route(case, {name: functools.partial(body, *args, out=torch.empty((M, N), dtype=x.dtype,
                                                                                            device=x.device))
                                     for name, body in FORWARD_ROUTES.items()})
-    return y, su, FORWARD_ROUTES[chosen](*args, out=y.view(M, N))
+    q = FORWARD_ROUTES[chosen](*args, out=y.view(M, N))
+    return y, su, q, (norm if norm_out is None else norm_out)
 
 
-def fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude_dtype, scaling, dropout_p, seed,
+def fused_backward(dy, x, weight, lora_A, lora_B, su, q, magnitude, norm, scaling, dropout_p, seed,
                    *, need_dx: bool, need_da: bool, need_db: bool, need_dmag: bool, route: str = "fused"):
     """The backward: (dx, dA, dB, dmagnitude), None where not needed.
 
-    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); mag_scale [N]
-    fp32, the forward's c = magnitude / max(norm, eps), and norm [N]. Gradients come in their
-    parameters' dtypes. ``route`` (see fused_dora.routes) decides how dx is formed:
-    `input_grad_fused` or `input_grad_composed`; dA, dB and dmagnitude are computed alike on both.
+    dy [M, N]; x [M, K] (for dA); su [M, r] (for dB); q [M, N] (for dmagnitude); magnitude [N]
+    and the forward's norm [N] fp32 (the kernels form c = magnitude / max(norm, eps) from them,
+    bit for bit the forward's). Gradients come in their parameters' dtypes. ``route`` (see
+    fused_dora.routes) decides how dx is formed: `input_grad_fused` or `input_grad_composed`;
+    dA, dB and dmagnitude are computed alike on both: column passes writing partial sums, and one
+    launch finishing all three.
     """
     k = load_kernels()
     M, N = dy.shape
-    dx = da = dbb = dmag = None
+    dx = None
     if M == 0:
         dx = dy.new_empty((0, weight.shape[1])) if need_dx else None
-        da = torch.zeros_like(lora_A) if need_da else None
-        dbb = torch.zeros_like(lora_B) if need_db else None
-        dmag = torch.zeros(N, dtype=magnitude_dtype, device=dy.device) if need_dmag else None
-        return dx, da, dbb, dmag
+        return (dx, torch.zeros_like(lora_A) if need_da else None, torch.zeros_like(lora_B) if need_db else None,
+                torch.zeros_like(magnitude) if need_dmag else None)
     if need_dx:
-        args = (dy, mag_scale, weight, lora_A, lora_B, scaling, dropout_p, seed)
+        args = (dy, magnitude, norm, weight, lora_A, lora_B, scaling, dropout_p, seed)
         case = RouteCase("backward", dy.device, dy.dtype, lora_A.dtype, M, N, weight.shape[1], lora_A.shape[0],
                          dropout_p > 0)
         chosen = known_route(route, case)
@@ -164,17 +159,14 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnit
                                         for name, body in INPUT_GRAD_ROUTES.items()})
         v, dx = INPUT_GRAD_ROUTES[chosen](*args)
     elif need_da:
-        v = k.lora_up_grad(dy, mag_scale, lora_B)  # v = (dy * c) @ B
-    if need_da:  # dA = s * v.T @ dropout(x)
-        da = (scaling * k.lora_A_grad(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype)
+        v = k.lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS)  # v = (dy * c) @ B
+    da_part = k.lora_A_grad_partials(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype) if need_da else None
+    dmag_part = db_part = None
     if need_dmag or need_db:
-        dmag_raw, db_raw = k.magnitude_and_B_grads(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
-        if need_dmag:  # dmagnitude = sum(dy * ypre) / n, with q = ypre * t
-            n = norm.float().clamp_min(NORM_EPS)
-            dmag = (dmag_raw / (magnitude_grad_rescale(mag_scale, n) * n)).to(magnitude_dtype)
-        if need_db:  # dB = c * dy.T @ su (su already carries the scaling)
-            dbb = (mag_scale[:, None] * db_raw).to(lora_B.dtype)
-    return dx, da, dbb, dmag
+        dmag_part, db_part = k.magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
+    dmag, db, da = k.finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, scaling,
+                                          NORM_EPS)
+    return dx, da, db, dmag
 
 
 def frozen_grads(dy, x, mag_scale, weight, bias, need_dw, need_dbias):

@@ -99,20 +99,17 @@ def dora_linear(
         route = default_route()
     K, N = weight.shape[1], weight.shape[0]
     x2d = narrow_column_offsets(x.reshape(-1, K))
+    # norm None: the forward computes it (the norm pass's partial sums, finished in the GEMM's
+    # epilogue), a constant through which no gradient flows
+    norm = norm.detach() if norm is not None else None
     if torch.compiler.is_compiling():  # opaque custom ops that Dynamo traces around
-        if norm is None:
-            with torch.no_grad():  # the norm is a constant: no gradient flows through it
-                norm = row_norm_op(weight, lora_A, lora_B, scaling)
-        norm = norm.detach()
         y = dora_linear_2d(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, route)
         return y.reshape(*x.shape[:-1], N)
-    if norm is None:  # inputs already checked: straight to the kernel
-        with torch.no_grad():
-            norm = row_norm(weight, lora_A, lora_B, scaling)
     seed = draw_dropout_seed() if p > 0 else 0
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, magnitude)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, lora_A, lora_B, magnitude)):
         out_shape = x.shape[:-1] + (N,)
-        return FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm.detach(), scaling, p, seed,
+        return FusedDoraFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed,
                                        out_shape, route)
     # inference: no autograd bookkeeping, nothing saved
     return fused_forward(x2d, weight, bias, lora_A, lora_B, magnitude, norm, scaling, p, seed, store_q=False,

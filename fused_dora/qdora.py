@@ -34,7 +34,7 @@ import torch.utils.checkpoint
 from . import reference
 from .autograd import refuse_double_backward
 from .backend import load_kernels, resolve_backend
-from .drivers import draw_dropout_seed, fused_backward, fused_forward, magnitude_grad_rescale, narrow_column_offsets
+from .drivers import draw_dropout_seed, fused_backward, fused_forward, narrow_column_offsets
 from .quantized import Packed4bit, describe_4bit, describe_8bit, is_params4bit, quantized_weight_norm
 from .reference import NORM_EPS, magnitude_scale
 from .routes import check_route
@@ -126,8 +126,8 @@ class Dora4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, lora_A, lora_B, magnitude, norm, packed, scaling, dropout_p, seed, out_shape):
         need_dx, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:5]
         weight = packed.dequantize(x.dtype)
-        y, su, q = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
-                                 store_q=need_dmag, out_shape=out_shape, route=QUANTIZED_ROUTE)
+        y, su, q, norm = fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed,
+                                       store_q=need_dmag, out_shape=out_shape, route=QUANTIZED_ROUTE)
         del weight
         ctx.save_for_backward(x if need_da else None, lora_A, lora_B, magnitude, norm,
                               su if need_db else None, q if need_dmag else None)
@@ -141,11 +141,10 @@ class Dora4bitFunction(torch.autograd.Function):
         need_dx, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:5]
         x, lora_A, lora_B, magnitude, norm, su, q = ctx.saved_tensors
         dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
-        mag_scale = magnitude_scale(magnitude.detach(), norm.float())
         weight = ctx.packed.dequantize(dy.dtype) if need_dx else None  # dequantized again, never saved
-        dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, su, q, mag_scale, norm, magnitude.dtype,
-                                          ctx.scaling, ctx.dropout_p, ctx.seed, need_dx=need_dx, need_da=need_da,
-                                          need_db=need_db, need_dmag=need_dmag, route=QUANTIZED_ROUTE)
+        dx, da, db, dmag = fused_backward(dy, x, weight, lora_A, lora_B, su, q, magnitude.detach(), norm, ctx.scaling,
+                                          ctx.dropout_p, ctx.seed, need_dx=need_dx, need_da=need_da, need_db=need_db,
+                                          need_dmag=need_dmag, route=QUANTIZED_ROUTE)
         del weight
         dbias = dy.float().sum(0).to(ctx.bias_dtype) if need_dbias else None
         return (dx, dbias, da, db, dmag) + (None,) * 6
@@ -265,31 +264,32 @@ class DoraOverBaseFunction(torch.autograd.Function):
         k = load_kernels()
         dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
         M, N = dy.shape
-        mag_scale = magnitude_scale(magnitude.detach(), norm.float())
+        magnitude = magnitude.detach()
         s, p, seed = ctx.scaling, ctx.dropout_p, ctx.seed
         dbase = dx = dbias = da = db = dmag = v = None
         if M == 0:
-            dbase = dy * mag_scale.to(dy.dtype)
+            dbase = dy * magnitude_scale(magnitude, norm.float()).to(dy.dtype)
         elif need_dbase or need_dbias or need_dx or need_da:
             dbase = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
-            v = k.lora_up_grad(dy, mag_scale, lora_B, e_out=dbase)  # v = (dy·c)·B, and dbase = e = dy·c
+            # v = (dy·c)·B, and dbase = e = dy·c, c formed from magnitude and norm as the epilogue forms it
+            v = k.lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=dbase)
         if need_dx:
             x_shape, x_dtype = ctx.x_meta
             dx = torch.zeros(x_shape, dtype=x_dtype, device=dy.device)
             if M:
                 k.add_lora_input_grad(dx, v, lora_A, s, p, seed)
-        if need_da:
-            da = (s * k.lora_A_grad(v, x, p, seed, adapter_dtype=lora_A.dtype)).to(lora_A.dtype) if M \
-                else torch.zeros_like(lora_A)
-        if need_dmag or need_db:
-            if M:
-                dmag_raw, db_raw = k.magnitude_and_B_grads(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
-            if need_dmag:
-                n = norm.float().clamp_min(NORM_EPS)
-                dmag = ((dmag_raw / (magnitude_grad_rescale(mag_scale, n) * n)) if M
-                        else torch.zeros_like(n)).to(magnitude.dtype)
-            if need_db:
-                db = (mag_scale[:, None] * db_raw).to(lora_B.dtype) if M else torch.zeros_like(lora_B)
+        if M == 0:
+            da = torch.zeros_like(lora_A) if need_da else None
+            db = torch.zeros_like(lora_B) if need_db else None
+            dmag = torch.zeros_like(magnitude) if need_dmag else None
+        else:  # column passes writing partial sums, one launch finishing dmag, dB and dA (as fused_backward)
+            da_part = k.lora_A_grad_partials(v, x, p, seed, adapter_dtype=lora_A.dtype) if need_da else None
+            dmag_part = db_part = None
+            if need_dmag or need_db:
+                dmag_part, db_part = k.magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db,
+                                                                     adapter_dtype=lora_B.dtype)
+            dmag, db, da = k.finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, s,
+                                                  NORM_EPS)
         if need_dbias:  # y = c·(base − b) + b: b's own term is (1 − c)·dy (base_out carries the rest)
             dbias = (dy.float().sum(0) - dbase.float().sum(0)).to(ctx.bias_dtype)
         return (dbase if need_dbase else None, dx, dbias, da, db, dmag) + (None,) * 5

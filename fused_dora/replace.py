@@ -12,6 +12,7 @@ PEFT's layout, used by both directions: ``adapter_config.json`` (a ``LoraConfig`
 function as PEFT's DoRA layer from these three tensors (same scaling, same magnitude meaning).
 """
 import collections
+import itertools
 import math
 import os
 import re
@@ -229,10 +230,23 @@ def replace_linear(
 def _import_peft():
     try:
         import peft
-        from peft.utils.other import get_pattern_key
     except ImportError as exc:
         raise ImportError("saving and loading PEFT adapters needs peft: pip install 'fused_dora[peft]'") from exc
-    return peft, get_pattern_key
+    return peft
+
+
+def _rank_and_alpha(config, name: str):
+    """(r, lora_alpha) of module ``name`` as the installed PEFT's LoraModel picks them from the config."""
+    try:
+        from peft.utils.other import get_pattern_key  # PEFT >= 0.14
+    except ImportError:
+        # PEFT 0.12 / 0.13 (LoraModel._create_and_replace) looked both dicts up with one key: the
+        # first rank_pattern, then alpha_pattern, key that matches
+        keys = itertools.chain(config.rank_pattern, config.alpha_pattern)
+        key = next((k for k in keys if re.match(rf".*\.{k}$", name)), name)
+        return config.rank_pattern.get(key, config.r), config.alpha_pattern.get(key, config.lora_alpha)
+    return (config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r),
+            config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha))
 
 
 def _dora_layers(model: nn.Module) -> dict:
@@ -273,6 +287,20 @@ def _full_adapter_tensor(name: str, layer: FusedDoraLinear, attr: str) -> torch.
     return t.contiguous().cpu()
 
 
+def _pattern_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key matching the module ``name`` and no other, in every PEFT.
+
+    PEFT >= 0.15 matches a key as ``(.*\\.)?({key})$``, older ones as ``.*\\.{key}$``: a dot must
+    come before the key, so the key leaves out the name's first part and a lookbehind pins it.
+    (A bare escaped name would also match any longer name ending in ``.<name>``.) PEFT < 0.15
+    cannot match a top-level name (no dot) at all.
+    """
+    head, dot, tail = name.partition(".")
+    if not dot:
+        return "^" + re.escape(name)
+    return rf"(?<=^{re.escape(head)}\.){re.escape(tail)}"
+
+
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                  base_model_name_or_path: Optional[str] = None, task_type: Optional[str] = None) -> None:
     """Write the DoRA adapters of ``model``'s FusedDoraLinear layers to directory ``path``, as PEFT does.
@@ -280,15 +308,17 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     ``path`` gets ``adapter_config.json`` (a LoraConfig with ``use_dora=True``, target_modules
     = the adapted modules' full names, and r / lora_alpha / use_rslora / lora_dropout;
     per-layer ranks or alphas that differ from the most common one go to rank_pattern /
-    alpha_pattern) and ``adapter_model.safetensors`` (keys as in the module docstring). Load it
-    with ``peft.PeftModel.from_pretrained(base_model, path)`` on the original (unreplaced) model,
-    or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``. ``base_model_name_or_path``
-    and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a transformers model knows:
-    its ``config._name_or_path`` and its class (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...).
+    alpha_pattern, keyed to match exactly that module in every PEFT; PEFT < 0.15 cannot match a
+    top-level module's key, which is warned) and ``adapter_model.safetensors`` (keys as in the
+    module docstring). Load it with ``peft.PeftModel.from_pretrained(base_model, path)`` on the
+    original (unreplaced) model, or with :func:`load_adapter`. Needs ``peft`` and ``safetensors``.
+    ``base_model_name_or_path`` and ``task_type`` (PEFT's, e.g. ``"CAUSAL_LM"``) default to what a
+    transformers model knows: its ``config._name_or_path`` and its class (``...ForCausalLM`` ->
+    ``"CAUSAL_LM"``, ...).
     A model wrapped by torch.compile, DDP, DataParallel or FSDP is saved under its own module
     names (see :func:`unwrap_model`); sharded adapters (FSDP, DTensor) must be gathered first.
     """
-    peft, _ = _import_peft()
+    peft = _import_peft()
     from safetensors.torch import save_file
 
     if not isinstance(model, nn.Module):
@@ -312,9 +342,13 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         for suffix, attr in _SUFFIXES.items():
             tensors[_PREFIX + name + suffix] = _full_adapter_tensor(name, m, attr)
         if m.r != rank:
-            rank_pattern[re.escape(name)] = m.r
+            rank_pattern[_pattern_key(name)] = m.r
         if m.lora_alpha != alpha:
-            alpha_pattern[re.escape(name)] = _plain_number(m.lora_alpha)
+            alpha_pattern[_pattern_key(name)] = _plain_number(m.lora_alpha)
+    top_level = sorted(n for n in layers if "." not in n and _pattern_key(n) in {**rank_pattern, **alpha_pattern})
+    if top_level:
+        warnings.warn(f"save_adapter: PEFT < 0.15 cannot match rank_pattern / alpha_pattern keys of top-level modules "
+                      f"({', '.join(top_level)}): load this adapter with PEFT >= 0.15")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = peft.LoraConfig(
@@ -330,7 +364,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
 
 def _read_peft_adapter(path):
     """(LoraConfig, {module name: {"lora_A"|"lora_B"|"magnitude": tensor}}), checked to be plain DoRA."""
-    peft, _ = _import_peft()
+    peft = _import_peft()
     config = peft.PeftConfig.from_pretrained(os.fspath(path))
     if not isinstance(config, peft.LoraConfig) or not getattr(config, "use_dora", False):
         raise ValueError(f"{path} is not a PEFT DoRA adapter (needs a LoRA config with use_dora=True, "
@@ -379,13 +413,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
-    _, get_pattern_key = _import_peft()
     config, per_module = _read_peft_adapter(path)
     real_names = {_peft_name(n): n for n, _ in model.named_modules() if n}  # names with wrapper parts
     plan = []
     for name, t in sorted(per_module.items()):
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        r, alpha = _rank_and_alpha(config, name)
         scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
         if name not in real_names:
             raise ValueError(f"the adapter has weights for {name!r}, which {type(model).__name__} does not have")

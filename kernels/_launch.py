@@ -32,6 +32,9 @@ def _do_bench(kernel_call, quantiles):
     return bench(kernel_call, quantiles=quantiles)
 
 
+_DO_BENCH = {"do_bench": _do_bench} if _TAKES_DO_BENCH else {}  # triton.autotune's keyword, where it takes it
+
+
 def smem_budget(max_shared_mem: int) -> int:
     """The shared memory that pruning lets a config's estimate use: 90% of a block's maximum."""
     return int(max_shared_mem * 0.9)
@@ -78,11 +81,13 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes, rest
     def decorate(kernel):
         nonlocal tuned_kernel
         if INTERPRET:
-            tuned = triton.autotune(configs=[interpreter_config], key=key)(kernel)
+            # do_bench is never called with one config, but without one triton 3.3's Autotuner asks the
+            # driver for its benchmarker when decorating: "0 active drivers" on a machine without a GPU
+            # (triton 3.2 drops the argument and still asks).
+            tuned = triton.autotune(configs=[interpreter_config], key=key, **_DO_BENCH)(kernel)
         else:
             tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
-                                    restore_value=list(restore_value) or None,
-                                    **({"do_bench": _do_bench} if _TAKES_DO_BENCH else {}))(kernel)
+                                    restore_value=list(restore_value) or None, **_DO_BENCH)(kernel)
         tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes,
                                                                        tuple(restore_value))
         return tuned

@@ -1,15 +1,13 @@
-"""Adapter-gradient kernels: column reductions over the M tokens.
+"""Adapter-gradient kernels: column reductions over the M tokens, then one launch that finishes them.
 
     dmag_raw = sum_m dy * q                      [N]     (q = ypre * t)
     dB_raw   = dy.T @ su                         [N, r]  (su = s * u)
     dA_raw   = v.T @ dropout(x)                  [r, K]
 
-The launchers return these raw fp32 sums. The caller (fused_dora.drivers.fused_backward)
-finishes them: dmag = dmag_raw / (t * n), dB = c * dB_raw, dA = s * dA_raw, each cast to its
-parameter's dtype.
-
-dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid
-fills the GPU; every slice writes an fp32 partial that the launcher sums (deterministic).
+dmag and dB share one pass over dy. Each reduction is split over slices of M so the grid fills
+the GPU; every slice writes fp32 partial sums. `finish_adapter_grads` then adds the slices in
+order (deterministic, no atomics) and finishes all three in one launch: dmag = dmag_raw / (t * n),
+dB = c * dB_raw, dA = s * dA_raw, each written in its parameter's dtype.
 """
 from typing import Optional
 
@@ -18,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune, block_r, lora_precision, narrow_row_stride, split_count
+from .epilogue import magnitude_grad_rescale, magnitude_scale
 from .dropout import dropout_keep
 
 _COLPASS_GPU_CONFIGS = [
@@ -92,14 +91,15 @@ def _magnitude_and_B_grad_kernel(
         tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
 
 
-def magnitude_and_B_grads(dy, q, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
-                          adapter_dtype: torch.dtype = torch.float32):
-    """(dmag_raw [N] fp32 or None, dB_raw [N, r] fp32 or None) in one pass over dy.
+def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,
+                                  adapter_dtype: torch.dtype = torch.float32):
+    """(dmag_raw partials [S, N] fp32 or None, dB_raw partials [S, N, r] fp32 or None) from one pass
+    over dy, S slices of M; summed over S: dmag_raw = sum over M of dy * q, dB_raw = dy.T @ su.
 
     dy [M, N] (any strides), q [M, N] contiguous (dora_forward's; needed only for compute_mag),
-    su [M, r] contiguous, lora_down's (None if not compute_B). dmag_raw = sum over M of dy * q; dB_raw = dy.T @ su.
-    splits overrides how many slices of M reduce in parallel (default: enough to fill the GPU).
-    adapter_dtype (lora_B's) picks the precision of dy.T @ su (see _launch.lora_precision).
+    su [M, r] contiguous, lora_down's (None if not compute_B). splits overrides S (default:
+    enough to fill the GPU). adapter_dtype (lora_B's) picks the precision of dy.T @ su (see
+    _launch.lora_precision).
     """
     dy = narrow_row_stride(dy)
     M, N = dy.shape
@@ -118,7 +118,7 @@ def magnitude_and_B_grads(dy, q, su, compute_mag: bool, compute_B: bool, splits:
         M, N, R, splits, dy.stride(0), dy.stride(1),
         COMPUTE_MAG=compute_mag, COMPUTE_B=compute_B, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
-    return (dmag.sum(0) if compute_mag else None), (db.sum(0) if compute_B else None)
+    return dmag, db
 
 
 def _a_grad_smem_bytes(a) -> int:
@@ -168,12 +168,13 @@ def _lora_A_grad_kernel(
     tl.store(da_ptr + split * R * K + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
 
 
-def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
-                splits: Optional[int] = None, adapter_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dA_raw [r, K] fp32 = v.T @ dropout(x), with the forward's mask for ``seed``.
+def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: int = 0,
+                         splits: Optional[int] = None, adapter_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dA_raw partials [S, r, K] fp32, S slices of M; summed over S: v.T @ dropout(x), with the
+    forward's mask for ``seed``.
 
     v [M, r] fp32 contiguous, x [M, K] (any strides). splits, adapter_dtype: as for
-    magnitude_and_B_grads.
+    magnitude_and_B_grad_partials.
     """
     x = narrow_row_stride(x)
     M, K = x.shape
@@ -188,4 +189,83 @@ def lora_A_grad(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.0, seed: 
         v, x, da, M, K, R, splits, x.stride(0), x.stride(1), int(seed), float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
-    return da.sum(0)
+    return da
+
+
+@triton.jit
+def _sum_slices(part_ptr, idx, ok, size, SPLITS: tl.constexpr):
+    """The slices of partial sums [SPLITS, size] at flat indices ``idx``, added in order."""
+    total = tl.load(part_ptr + idx, mask=ok, other=0.0)
+    for split in tl.static_range(1, SPLITS):
+        total += tl.load(part_ptr + split * size + idx, mask=ok, other=0.0)
+    return total
+
+
+# one config: a tiny elementwise pass; autotuned only to be registered (compile report, launch counts)
+@autotune([triton.Config({}, num_warps=4)], triton.Config({}), key=["N", "R", "K", "MAG_B_SPLITS", "A_SPLITS"],
+          smem_bytes=lambda a: 0, case_dtypes=("db_ptr", "da_ptr"))
+@triton.jit
+def _finish_adapter_grads_kernel(
+    dmag_part_ptr, db_part_ptr, da_part_ptr,   # partial sums [MAG_B_SPLITS, N], [MAG_B_SPLITS, N, R], [A_SPLITS, R, K]
+    mag_ptr, norm_ptr,                         # magnitude [N], the forward's norm [N] fp32
+    dmag_ptr, db_ptr, da_ptr,                  # dmagnitude [N], dB [N, R], dA [R, K], in their parameters' dtypes
+    N, R, K,
+    mag_programs, b_programs,                  # the programs finishing dmag, then dB; the rest finish dA
+    scaling, norm_eps,
+    MAG_B_SPLITS: tl.constexpr, A_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    lane = tl.arange(0, BLOCK)
+    if pid < mag_programs:  # dmag = sum(dy * ypre) / n = dmag_raw / (t * n)
+        outs = pid * BLOCK + lane
+        ok = outs < N
+        raw = _sum_slices(dmag_part_ptr, outs, ok, N, MAG_B_SPLITS)
+        mag_scale, n = magnitude_scale(mag_ptr, norm_ptr, outs, ok, norm_eps)
+        dmag = tl.math.div_rn(raw, magnitude_grad_rescale(mag_scale, n) * n)
+        tl.store(dmag_ptr + outs, dmag.to(dmag_ptr.dtype.element_ty), mask=ok)
+    elif pid < mag_programs + b_programs:  # dB = c * dy.T @ su (su already carries the scaling)
+        idx = (pid - mag_programs) * BLOCK + lane
+        ok = idx < N * R
+        outs = idx // R
+        mag_scale, _ = magnitude_scale(mag_ptr, norm_ptr, outs, ok, norm_eps)
+        db = mag_scale * _sum_slices(db_part_ptr, idx, ok, N * R, MAG_B_SPLITS)
+        tl.store(db_ptr + idx, db.to(db_ptr.dtype.element_ty), mask=ok)
+    else:  # dA = s * v.T @ dropout(x)
+        idx = (pid - mag_programs - b_programs) * BLOCK + lane
+        ok = idx < R * K
+        da = scaling * _sum_slices(da_part_ptr, idx, ok, R * K, A_SPLITS)
+        tl.store(da_ptr + idx, da.to(da_ptr.dtype.element_ty), mask=ok)
+
+
+_FINISH_BLOCK = 1024
+
+
+def finish_adapter_grads(dmag_part: Optional[torch.Tensor], db_part: Optional[torch.Tensor],
+                         da_part: Optional[torch.Tensor], magnitude: torch.Tensor, norm: torch.Tensor,
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, norm_eps: float):
+    """(dmagnitude [N], dB [N, r], dA [r, K]) in the dtypes of magnitude, lora_B and lora_A, or None
+    for a partial that is None, in one launch, from the partial sums of
+    `magnitude_and_B_grad_partials` and `lora_A_grad_partials`, magnitude [N] and the forward's
+    norm [N] fp32."""
+    N, R, K = lora_B.shape[0], lora_B.shape[1], lora_A.shape[1]
+    def new_like(t):  # contiguous: the kernel indexes the gradients flat
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    dmag = new_like(magnitude) if dmag_part is not None else None
+    db = new_like(lora_B) if db_part is not None else None
+    da = new_like(lora_A) if da_part is not None else None
+    mag_programs = triton.cdiv(N, _FINISH_BLOCK) if dmag is not None else 0
+    b_programs = triton.cdiv(N * R, _FINISH_BLOCK) if db is not None else 0
+    a_programs = triton.cdiv(R * K, _FINISH_BLOCK) if da is not None else 0
+    if mag_programs + b_programs + a_programs == 0:
+        return dmag, db, da
+    norm = norm.float().contiguous()
+    _finish_adapter_grads_kernel[(mag_programs + b_programs + a_programs,)](
+        dmag_part if dmag_part is not None else norm, db_part if db_part is not None else norm,
+        da_part if da_part is not None else norm, magnitude.contiguous(), norm,
+        dmag if dmag is not None else norm, db if db is not None else norm, da if da is not None else norm,
+        N, R, K, mag_programs, b_programs, float(scaling), float(norm_eps),
+        MAG_B_SPLITS=next((t.shape[0] for t in (dmag_part, db_part) if t is not None), 1),
+        A_SPLITS=da_part.shape[0] if da_part is not None else 1, BLOCK=_FINISH_BLOCK,
+    )
+    return dmag, db, da

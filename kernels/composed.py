@@ -14,6 +14,8 @@ torch.mm (cuBLAS on a GPU) and fuses only the work around them:
 Each pass costs one [M, N] (forward) or [M, K] (backward) read and write more than the fused
 GEMMs, which keep those terms in registers; what it buys is cuBLAS's main loop.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +23,7 @@ import triton.language as tl
 from ._gemm import rank_steps
 from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
 from .dropout import dropout_keep
-from .epilogue import dora_epilogue
+from .epilogue import dora_epilogue, norm_arguments
 
 # Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages. 8 warps
 # for 8K-element tiles and none larger (benchmarks/compile_report.py): with 4 warps, 64 x 128
@@ -48,13 +50,14 @@ def _tile_smem_bytes(a) -> int:
 @triton.jit
 def _dora_compose_epilogue_kernel(
     out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [M, R], B = lora_ptr [N, R]
-    mag_ptr, norm_ptr, bias_ptr,         # magnitude [N], norm [N] fp32, bias [N] (if HAS_BIAS)
+    mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
+    norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
     q_ptr,                               # q [M, N] (y's dtype; if STORE_Q)
     M, N, R,
     m_bucket,                            # autotune key only
     stride_bn, stride_br,
     norm_eps,
-    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * N may pass 2**31
@@ -78,26 +81,30 @@ def _dora_compose_epilogue_kernel(
         b_t = tl.load(lora_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
         acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
-    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, out_ptr, q_ptr, norm_eps,
-                  HAS_BIAS, STORE_Q)
+    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, out_ptr, q_ptr,
+                  N, norm_eps, tl.program_id(0) == 0, HAS_BIAS, STORE_Q, NORM_SPLITS)
 
 
-def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False):
+def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
+                          norm_out: Optional[torch.Tensor] = None):
     """q [M, N] or None; y [M, N] (contiguous, holding x @ W.T) becomes, in place,
-    c * (x @ W.T + su @ lora_B.T) + bias, with c = magnitude / max(norm, norm_eps).
+    c * (x @ W.T + su @ lora_B.T) + bias, with c = magnitude / max(n, norm_eps).
 
-    su [M, r] contiguous (lora_down's), lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or
-    None. With store_q, q = (x @ W.T + su @ lora_B.T) * t as forward.dora_forward returns it.
+    su [M, r] contiguous (lora_down's), lora_B [N, r], magnitude [N], bias [N] or None; norm and
+    norm_out as for forward.dora_forward. With store_q, q = (x @ W.T + su @ lora_B.T) * t as
+    forward.dora_forward returns it.
     """
     M, N = y.shape
     R = su.shape[1]
     q = torch.empty((M, N), dtype=y.dtype, device=y.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_C"]))
+    norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_compose_epilogue_kernel[grid](
-        y, su, lora_B, magnitude.contiguous(), norm.float().contiguous(),
-        bias.contiguous() if bias is not None else norm, q if store_q else y,
+        y, su, lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        norm, norm_out, q if store_q else y,
         M, N, R, m_bucket(M), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(y.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, BLOCK_R=gemm_block_r(R),
+        PRECISION=dot_precision(y.dtype),
     )
     return q
 

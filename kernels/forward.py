@@ -16,7 +16,7 @@ import triton.language as tl
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
-from .epilogue import dora_epilogue
+from .epilogue import dora_epilogue, norm_arguments
 
 _DOWN_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -112,13 +112,14 @@ def _forward_smem_bytes(a) -> int:
 @triton.jit
 def _dora_forward_kernel(
     x_ptr, w_ptr, su_ptr, lora_b_ptr,    # x [M, K], W [N, K] (x's dtype), su [M, R], B [N, R]
-    mag_ptr, norm_ptr, bias_ptr,         # magnitude [N], norm [N] fp32, bias [N] (if HAS_BIAS)
+    mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
+    norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
     y_ptr, q_ptr,                        # y, q [M, N] (x's dtype; q if STORE_Q)
     M, N, K, R,
     m_bucket,                            # autotune key only
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
-    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -155,18 +156,19 @@ def _dora_forward_kernel(
 
     out_offsets = rows[:, None] * N + outs[None, :]
     out_mask = row_ok[:, None] & out_ok[None, :]
-    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, bias_ptr, y_ptr, q_ptr, norm_eps,
-                  HAS_BIAS, STORE_Q)
+    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr, q_ptr,
+                  N, norm_eps, pid_m == 0, HAS_BIAS, STORE_Q, NORM_SPLITS)
 
 
 def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
-                 out: Optional[torch.Tensor] = None):
+                 out: Optional[torch.Tensor] = None, norm_out: Optional[torch.Tensor] = None):
     """y [M, N] (x's dtype) = c * (x @ weight.T + su @ lora_B.T) + bias.
 
     x [M, K] (any strides), weight [N, K] (x's dtype), su [M, r] contiguous (lora_down's),
-    lora_B [N, r], magnitude [N], norm [N] fp32, bias [N] or None; the column scale
-    c = magnitude / max(norm, norm_eps) is formed in the epilogue (no extra launch).
-    ``out``: a contiguous [M, N] tensor of x's dtype to write y into (default: a new one).
+    lora_B [N, r], magnitude [N], bias [N] or None; norm: n [N] fp32, or the norm pass's partial
+    sums [splits, N] (norm.row_norm_partials), which the epilogue finishes into ``norm_out`` [N]
+    fp32; the column scale c = magnitude / max(n, norm_eps) is formed in the epilogue too (no
+    extra launch). ``out``: a contiguous [M, N] tensor of x's dtype to write y into (default: a new one).
     With store_q, also returns q [M, N] (x's dtype) = (x @ weight.T + su @ lora_B.T) * t, the
     pre-scale output rescaled per column by t = magnitude_grad_rescale(c, max(norm, norm_eps)),
     which the magnitude gradient reads, else None.
@@ -178,13 +180,14 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_forward_kernel[grid](
-        x, weight, su, lora_B, magnitude.contiguous(), norm.float().contiguous(),
-        bias.contiguous() if bias is not None else norm,
-        y, q if store_q else y,
+        x, weight, su, lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        norm, norm_out, y, q if store_q else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, BLOCK_R=gemm_block_r(R),
+        PRECISION=dot_precision(x.dtype),
     )
     return y, q

@@ -1,10 +1,10 @@
 """Input-gradient kernels (the norm is a constant, so e = dy * c is the only coupling):
 
-    v  = e @ B                                  lora_up_grad     [M, r] fp32, one pass over dy
+    e  = dy * c,  v = e @ B                     lora_up_grad     one pass over dy: v [M, r] fp32,
+                                                                 and e [M, N] (dy's dtype) when asked
     dx = s * dropout_bwd(v @ A) + e @ W         dora_input_grad  one GEMM, one accumulator: the
-                                                                 masked LoRA term first, then the
-                                                                 main loop onto it, c applied as
-                                                                 dy is loaded
+                                                                 masked LoRA term first, then a
+                                                                 plain main loop over e and W
 """
 from typing import Optional
 
@@ -15,6 +15,7 @@ import triton.language as tl
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile, rank_steps
 from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
 from .dropout import dropout_keep
+from .epilogue import magnitude_scale
 
 _ROWPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -27,28 +28,25 @@ _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
 def _up_grad_smem_bytes(a) -> int:
-    """The dy and B tiles of each pipeline stage (counted at fp32 when upcast)."""
-    return a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"] * (4 if a["UPCAST"] else a["dy_ptr"].element_size())
-
-
-@triton.jit
-def load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn):
-    """fp32 tile e = dy[rows, outs] * mag_scale[outs]: the column mag_scale c applied as dy is loaded."""
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
-                 mask=row_ok[:, None] & out_ok[None, :], other=0.0)
-    mag_scale = tl.load(mag_scale_ptr + outs, mask=out_ok, other=0.0)
-    return dy.to(tl.float32) * mag_scale[None, :]
+    """The dy and B tiles of each pipeline stage (counted at fp32 when upcast); with STORE_E, the e
+    tile's trip through shared memory for its store (a layout conversion), and the c and n vectors."""
+    operand = 4 if a["UPCAST"] else a["dy_ptr"].element_size()
+    stages = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"] * operand
+    e_store = a["BLOCK_M"] * a["BLOCK_N"] * a["dy_ptr"].element_size() if a["STORE_E"] else 0
+    return stages + e_store + 8 * a["BLOCK_N"]
 
 
 @autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_E", "PRECISION"],
           smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
-    dy_ptr, mag_scale_ptr, lora_b_ptr, v_ptr,  # dy [M, N], mag_scale [N] fp32, B [N, R], v [M, R] fp32
+    dy_ptr, lora_b_ptr, v_ptr,             # dy [M, N], B [N, R], v [M, R] fp32
+    mag_ptr, norm_ptr,                     # magnitude [N], norm [N] fp32: c = g / max(n, eps)
     e_ptr,                                 # e [M, N] (dy's dtype; if STORE_E)
     M, N, R,
     m_bucket,                              # autotune key only
     stride_dym, stride_dyn, stride_bn, stride_br,
+    norm_eps,
     STORE_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -68,8 +66,11 @@ def _lora_up_grad_kernel(
     for n0 in range(0, N, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        e = load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn)
-        if STORE_E:  # for the composed route's cuBLAS e @ W; the first rank chunk's programs write it
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
+                     mask=row_ok[:, None] & out_ok[None, :], other=0.0)
+        mag_scale, _ = magnitude_scale(mag_ptr, norm_ptr, outs, out_ok, norm_eps)  # the forward's c, bit for bit
+        e = dy.to(tl.float32) * mag_scale[None, :]
+        if STORE_E:  # for the dx GEMM (Triton or cuBLAS); the first rank chunk's programs write it
             if tl.program_id(1) == 0:
                 tl.store(e_ptr + rows[:, None] * N + outs[None, :], e.to(e_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & out_ok[None, :])
@@ -79,13 +80,13 @@ def _lora_up_grad_kernel(
     tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-def lora_up_grad(dy: torch.Tensor, mag_scale: torch.Tensor, lora_B: torch.Tensor,
-                 e_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """v [M, r] fp32 = (dy * mag_scale) @ lora_B.
+def lora_up_grad(dy: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, lora_B: torch.Tensor,
+                 norm_eps: float, e_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """v [M, r] fp32 = (dy * c) @ lora_B, c = magnitude / max(norm, norm_eps) per column.
 
-    dy [M, N] (any strides, the activation dtype), mag_scale [N] fp32, lora_B [N, r].
-    ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * mag_scale (the
-    composed route's input to cuBLAS), from the same pass over dy.
+    dy [M, N] (any strides, the activation dtype), magnitude [N], norm [N] fp32, lora_B [N, r].
+    ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * c (the input
+    of both routes' dx GEMM), from the same pass over dy.
     """
     dy = narrow_row_stride(dy)
     M, N = dy.shape
@@ -95,8 +96,8 @@ def lora_up_grad(dy: torch.Tensor, mag_scale: torch.Tensor, lora_B: torch.Tensor
     upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
     _lora_up_grad_kernel[grid](
-        dy, mag_scale, lora_B, v, e_out if e_out is not None else v, M, N, R, m_bucket(M),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        dy, lora_B, v, magnitude.contiguous(), norm.float().contiguous(), e_out if e_out is not None else v,
+        M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
         STORE_E=e_out is not None, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return v
@@ -108,23 +109,25 @@ _INPUT_GRAD_INTERPRETER_CONFIG = gemm_interpreter_config(out_cols="BLOCK_K", red
 
 
 def _input_grad_smem_bytes(a) -> int:
-    """The dy and W tiles of each main-loop stage (see gemm_smem_bytes)."""
-    return gemm_smem_bytes(a, "dy_ptr", out_cols="BLOCK_K", reduction="BLOCK_N")
+    """The e and W tiles of each main-loop stage (see gemm_smem_bytes)."""
+    return gemm_smem_bytes(a, "e_ptr", out_cols="BLOCK_K", reduction="BLOCK_N")
 
 
 # With the norm n constant, y = c * ypre + bias, ypre = x @ W.T + s * dropout(x) @ A.T @ B.T, so
 # the gradient of ypre is e = dy * c and, with v = e @ B (lora_up_grad),
 #     dx = e @ W + s * dropout_bwd(v @ A),   dropout_bwd(t) = mask * t / (1 - p), the forward's mask.
+# e comes from lora_up_grad's pass over dy (one [M, N] write): scaling dy by c as it was loaded
+# here routed the MMA's A operand through registers and doubled the main loop's instructions.
 @autotune(_INPUT_GRAD_GPU_CONFIGS, _INPUT_GRAD_INTERPRETER_CONFIG,
           key=["m_bucket", "N", "K", "R", "HAS_DROPOUT", "PRECISION"],
-          smem_bytes=_input_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_a_ptr"))
+          smem_bytes=_input_grad_smem_bytes, case_dtypes=("e_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _dora_input_grad_kernel(
-    dy_ptr, mag_scale_ptr, w_ptr,            # dy [M, N], mag_scale [N] fp32 (c), W [N, K] (dy's dtype)
-    v_ptr, lora_a_ptr, dx_ptr,           # v [M, R] fp32, A [R, K], dx [M, K] (dy's dtype)
+    e_ptr, w_ptr,                        # e = dy * c [M, N] contiguous, W [N, K] (e's dtype)
+    v_ptr, lora_a_ptr, dx_ptr,           # v [M, R] fp32, A [R, K], dx [M, K] (e's dtype)
     M, N, K, R,
     m_bucket,                            # autotune key only
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_wn, stride_wk, stride_ar, stride_ak,
     scaling, seed, p,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -133,8 +136,8 @@ def _dora_input_grad_kernel(
     # output tile dx[rows, cols] of BLOCK_M x BLOCK_K; the reduction runs over the N output
     # features of the layer in steps of BLOCK_N
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
-    dy_ptr += row0 * stride_dym
+    row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: M * N may pass 2**31
+    e_ptr += row0 * N
     v_ptr += row0 * R
     dx_ptr += row0 * K
     rows = tl.arange(0, BLOCK_M)         # within the tile: 32-bit offsets (fewer registers)
@@ -142,7 +145,7 @@ def _dora_input_grad_kernel(
     cols = col0 + tl.arange(0, BLOCK_K)
     row_ok = rows < M - row0
     col_ok = cols < K
-    dtype = dy_ptr.dtype.element_ty
+    dtype = e_ptr.dtype.element_ty
 
     # One accumulator: the LoRA term s * dropout_bwd(v @ A) first, then the main loop onto it
     # (two accumulators, the LoRA term added in the epilogue, spilled every large tile). The
@@ -159,32 +162,31 @@ def _dora_input_grad_kernel(
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     acc *= scaling
 
-    for n0 in range(0, N, BLOCK_N):  # base term: (dy * c) @ W, c applied as dy is loaded
+    for n0 in range(0, N, BLOCK_N):  # base term: e @ W
         outs = n0 + tl.arange(0, BLOCK_N)
         out_ok = outs < N
-        e = load_scaled_grad(dy_ptr, mag_scale_ptr, rows, outs, row_ok, out_ok, stride_dym, stride_dyn).to(dtype)
+        e = tl.load(e_ptr + rows[:, None] * N + outs[None, :], mask=row_ok[:, None] & out_ok[None, :], other=0.0)
         w = tl.load(w_ptr + outs[:, None] * stride_wn + cols[None, :] * stride_wk,
                     mask=out_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(e, w, acc, input_precision=PRECISION)
     tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def dora_input_grad(dy, mag_scale, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
-    """dx [M, K] (dy's dtype) = (dy * mag_scale) @ weight + scaling * dropout_bwd(v @ lora_A).
+def dora_input_grad(e, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
+    """dx [M, K] (e's dtype) = e @ weight + scaling * dropout_bwd(v @ lora_A).
 
-    dy [M, N] (any strides), mag_scale [N] fp32, weight [N, K] (dy's dtype), v [M, r] fp32
-    contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
+    e [M, N] contiguous (dy * c, as lora_up_grad writes it), weight [N, K] (e's dtype), v [M, r]
+    fp32 contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
     """
-    dy = narrow_row_stride(dy)
-    M, N = dy.shape
+    M, N = e.shape
     K = weight.shape[1]
     R = v.shape[1]
-    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    dx = torch.empty((M, K), dtype=e.dtype, device=e.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _dora_input_grad_kernel[grid](
-        dy, mag_scale, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        e, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(dy.dtype),
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(e.dtype),
     )
     return dx

@@ -2,8 +2,10 @@
 
 One tiled pass over W: each program owns BLOCK_N rows and a slice of the K columns, forms the
 tile W + s * B @ A in registers (fp32 accumulate), and writes its partial sum of squares.
-The launcher adds the K slices (deterministic, no atomics) and takes the square root.
-Reads W exactly once; A and B are small and stay in L2.
+Reads W exactly once; A and B are small and stay in L2. The K slices are added in order
+(deterministic, no atomics) and square-rooted by the consumer: the forward GEMM's epilogue
+(epilogue.finished_norm) in a training forward, `finish_row_norm` otherwise; with one slice the
+pass finishes its rows itself.
 """
 from typing import Optional
 
@@ -12,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune, block_r, dot_precision, split_count
+from .epilogue import finished_norm
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -33,12 +36,13 @@ def _row_sumsq_smem_bytes(a) -> int:
 @triton.jit
 def _row_sumsq_kernel(
     w_ptr, lora_a_ptr, lora_b_ptr,         # W [N, K], A [R, K], B [N, R] (A's dtype)
-    out_ptr,                               # partial sums of squares [k_splits, N] fp32
+    out_ptr,                               # partial sums of squares [k_splits, N] fp32 (FINISH: n [N])
     N, K, R,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
     k_splits,                              # the slices of K reduced in parallel
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    FINISH: tl.constexpr,                  # one slice (k_splits == 1): store the square root
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -67,12 +71,15 @@ def _row_sumsq_kernel(
             ba = tl.dot(b, a, ba, input_precision=PRECISION)
         tile = w.to(tl.float32) + scaling * ba
         sumsq += tl.sum(tile * tile, axis=1)
+    if FINISH:
+        sumsq = tl.sqrt_rn(sumsq)
     tl.store(out_ptr + pid_k * N + rows, sumsq, mask=row_ok)
 
 
-def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  k_splits: Optional[int] = None) -> torch.Tensor:
-    """n [N] fp32 = row-wise L2 norm of ``weight + scaling * lora_B @ lora_A`` (not clamped).
+def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                      k_splits: Optional[int] = None, finish: bool = False) -> torch.Tensor:
+    """[k_splits, N] fp32 partial sums of squares of the rows of ``weight + scaling * lora_B @ lora_A``
+    over k_splits slices of K; with ``finish`` (and one slice), n [1, N] itself.
 
     weight [N, K] (fp16/bf16/fp32), lora_A [r, K], lora_B [N, r] (same dtype as each other).
     The product B @ A runs on tensor cores in the adapters' dtype with fp32 accumulation
@@ -92,6 +99,35 @@ def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         lora_B.stride(0), lora_B.stride(1),
         float(scaling), k_splits,
-        BLOCK_R=block_r(R), PRECISION=precision,
+        BLOCK_R=block_r(R), PRECISION=precision, FINISH=finish and k_splits == 1,
     )
-    return partial.sum(dim=0).sqrt()
+    return partial
+
+
+# one config: a tiny elementwise pass; autotuned only to be registered (compile report, launch counts)
+@autotune([triton.Config({"BLOCK": 1024}, num_warps=4)], triton.Config({"BLOCK": 64}), key=["N", "NORM_SPLITS"],
+          smem_bytes=lambda a: 0, case_dtypes=(None, None))
+@triton.jit
+def _finish_row_norm_kernel(partial_ptr, out_ptr, N, NORM_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    outs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    out_ok = outs < N
+    tl.store(out_ptr + outs, finished_norm(partial_ptr, outs, out_ok, N, NORM_SPLITS), mask=out_ok)
+
+
+def finish_row_norm(partial: torch.Tensor) -> torch.Tensor:
+    """n [N] fp32 from `row_norm_partials`' [k_splits, N]: the slices added in order, then the
+    square root, bit for bit as the forward epilogue finishes them."""
+    splits, N = partial.shape
+    out = torch.empty((N,), dtype=torch.float32, device=partial.device)
+    _finish_row_norm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK"]),)](partial, out, N, NORM_SPLITS=splits)
+    return out
+
+
+def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  k_splits: Optional[int] = None) -> torch.Tensor:
+    """n [N] fp32 = row-wise L2 norm of ``weight + scaling * lora_B @ lora_A`` (not clamped).
+
+    Arguments as `row_norm_partials`. One launch when K is not split, else two.
+    """
+    partial = row_norm_partials(weight, lora_A, lora_B, scaling, k_splits, finish=True)
+    return partial[0] if partial.shape[0] == 1 else finish_row_norm(partial)

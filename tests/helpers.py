@@ -103,13 +103,31 @@ def trainer_data(n=10, t=12, seed=3):
 
 def trainer_args(config_cls, output_dir, **overrides):
     """5 fp32 CPU steps of 2 rows, a loss logged every step, nothing saved or reported; the
-    optimizer is the trainer's default (adamw_torch_fused)."""
+    optimizer is adamw_torch_fused (the trainer's default in recent transformers, named here for
+    older ones, whose default was adamw_torch): its steps bump no version counters."""
     kwargs = dict(output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=5, learning_rate=1e-2,
                   logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
-                  bf16=False)
+                  bf16=False, optim="adamw_torch_fused")
     kwargs.update(overrides)
     return config_cls(**kwargs)
 
 
 def logged_losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def pow2_floor(v: torch.Tensor) -> torch.Tensor:
+    """2**floor(log2|v|) of fp32 v, elementwise (0 for 0 and subnormals): v's exponent bits alone."""
+    return (v.view(torch.int32) & 0x7F800000).view(torch.float32)
+
+
+def magnitude_grad_rescale(mag_scale: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """t [N] fp32 = pow2_floor(c), or pow2_floor(1 / n) where c is 0; mag_scale = c, n = max(norm, eps).
+
+    The forward saves q = ypre * t for the magnitude gradient rather than ypre: multiplying by a
+    power of two is exact, and |q| <= |c * ypre| = |y - bias|, so q is finite in 16 bits wherever
+    y is, while ypre = (y - bias) / c overflows fp16 for a small c. The forward's epilogue forms t
+    with the same bits (kernels.epilogue.magnitude_grad_rescale); this is its plain statement.
+    """
+    t = pow2_floor(mag_scale)
+    return torch.where(t > 0, t, pow2_floor(1.0 / n))

@@ -42,16 +42,24 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(model, params, data):
+def train(model, params, data, loss_scale=1.0):
     """STEPS AdamW steps on mean squared error; returns ([grads per step], final params), by name."""
     opt = torch.optim.AdamW([p for _, p in params], lr=0.05)
     grads = []
     for x, target in data:
         opt.zero_grad()
-        ((model(x) - target) ** 2).mean().backward()
+        (((model(x) - target) ** 2).mean() * loss_scale).backward()
         grads.append({n: full(p.grad).detach().clone() for n, p in params})
         opt.step()
     return grads, {n: full(p).detach().clone() for n, p in params}
+
+
+def _gloo_average_sums() -> bool:
+    """Whether gloo's reduce-scatter computes ReduceOp.AVG as a sum (torch 2.7 and 2.8 do), which
+    makes FSDP2's gradients WORLD times too large: torch's bug, not fused_dora's."""
+    out = torch.empty(1)
+    dist.reduce_scatter_tensor(out, torch.ones(WORLD), op=dist.ReduceOp.AVG)
+    return out.item() == WORLD
 
 
 def _worker(rank, mode, store_path, out_path):
@@ -63,16 +71,17 @@ def _worker(rank, mode, store_path, out_path):
         if mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            wrapped = DistributedDataParallel(model)
+            wrapped, loss_scale = DistributedDataParallel(model), 1.0
         else:
             from torch.distributed.fsdp import fully_shard
 
             for layer in (model[0], model[2]):
                 fully_shard(layer)
             wrapped = fully_shard(model)
+            loss_scale = 1 / WORLD if _gloo_average_sums() else 1.0
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # now DTensors
         data = [(x.chunk(WORLD)[rank], t.chunk(WORLD)[rank]) for x, t in batches()]
-        result = train(wrapped, params, data)
+        result = train(wrapped, params, data, loss_scale)
         if rank == 0:
             torch.save(result, out_path)
     finally:

@@ -6,7 +6,7 @@ import torch
 import fused_dora
 import fused_dora.kernels as K
 from fused_dora import reference
-from helpers import DEVICE, make_inputs, rel_err, run
+from helpers import DEVICE, magnitude_grad_rescale, make_inputs, rel_err, run
 
 
 @pytest.mark.parametrize("shape", [(53, 45, 1), (70, 40, 64), (33, 100, 12), (7, 300, 3)], ids=str)
@@ -29,16 +29,31 @@ def test_row_norm_mixed_dtypes():
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5])
-def test_adapter_grad_reductions_any_split(splits):
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_adapter_grad_reductions_any_split(splits, adapter_dtype):
+    """The column passes' partial sums, and the launch that finishes them: dmag = sum(dy * q) / (t * n),
+    dB = c * dy.T @ su, dA = s * v.T @ x, in the parameters' dtypes, however M is split."""
     g = torch.Generator().manual_seed(3)
-    M, N, Kdim, r = 77, 30, 41, 20
+    M, N, Kdim, r, s = 77, 30, 41, 20, 1.7
     dy, q = torch.randn(M, N, generator=g), torch.randn(M, N, generator=g)
     u, v, x = torch.randn(M, r, generator=g), torch.randn(M, r, generator=g), torch.randn(M, Kdim, generator=g)
-    dmag, db = K.magnitude_and_B_grads(dy, q, u, True, True, splits=splits)
-    da = K.lora_A_grad(v, x, splits=splits)
-    assert rel_err(dmag, (dy.double() * q.double()).sum(0)) < 1e-6
-    assert rel_err(db, dy.double().T @ u.double()) < 1e-6
-    assert rel_err(da, v.double().T @ x.double()) < 1e-6
+    magnitude, norm = torch.rand(N, generator=g) + 0.5, torch.rand(N, generator=g) + 0.5
+    if adapter_dtype == torch.float32:  # a zero row: clamped to eps (dmag ~1e13 here: fp16 would overflow)
+        norm[3] = 0.0
+    lora_A, lora_B = torch.empty(r, Kdim, dtype=adapter_dtype), torch.empty(N, r, dtype=adapter_dtype)
+    dmag_part, db_part = K.magnitude_and_B_grad_partials(dy, q, u, True, True, splits=splits)
+    da_part = K.lora_A_grad_partials(v, x, splits=splits)
+    assert dmag_part.shape == (splits, N) and db_part.shape == (splits, N, r) and da_part.shape == (splits, r, Kdim)
+    dmag, db, da = K.finish_adapter_grads(dmag_part, db_part, da_part, magnitude.to(adapter_dtype), norm, lora_A,
+                                          lora_B, s, 1e-12)
+    n = norm.double().clamp_min(1e-12)
+    c = magnitude.to(adapter_dtype).double() / n
+    t = magnitude_grad_rescale(c.float(), n.float()).double()
+    assert dmag.dtype == db.dtype == da.dtype == adapter_dtype
+    tol = 1e-6 if adapter_dtype == torch.float32 else 1e-3
+    assert rel_err(dmag, (dy.double() * q.double()).sum(0) / (t * n)) < tol
+    assert rel_err(db, c[:, None] * (dy.double().T @ u.double())) < tol
+    assert rel_err(da, s * v.double().T @ x.double()) < tol
 
 
 def test_zero_weight_rows_stay_finite():
@@ -72,14 +87,14 @@ def test_triton_path_really_runs(backend, monkeypatch):
     monkeypatch.setattr(reference, "dora_linear", no_reference)
     monkeypatch.setattr(reference, "weight_norm", no_reference)
     calls = []
-    for name in ("dora_row_norm", "lora_down", "dora_forward", "lora_up_grad", "dora_input_grad",
-                 "magnitude_and_B_grads", "lora_A_grad"):
+    names = ("row_norm_partials", "lora_down", "dora_forward", "lora_up_grad", "dora_input_grad",
+             "magnitude_and_B_grad_partials", "lora_A_grad_partials", "finish_adapter_grads")
+    for name in names:
         fn = getattr(K, name)
         monkeypatch.setattr(K, name, lambda *a, _fn=fn, _n=name, **kw: (calls.append(_n), _fn(*a, **kw))[1])
     t = make_inputs(9, 20, 12, 3, seed=5)
     run(fused_dora.dora_linear, t, scaling=1.0, dropout_p=0.2, training=True, backend=backend)
-    assert sorted(calls) == sorted(["dora_row_norm", "lora_down", "dora_forward", "lora_up_grad",
-                                    "dora_input_grad", "magnitude_and_B_grads", "lora_A_grad"])
+    assert sorted(calls) == sorted(names)
 
 
 def test_reference_backend_handles_float64():

@@ -3,9 +3,6 @@ instruments: bytes saved for backward, and dense [out, in] temporaries made by a
 
 Byte counts do not depend on the device, so the interpreter proves them; fp16 stands for bf16.
 """
-import pathlib
-import sys
-
 import pytest
 import torch
 
@@ -13,14 +10,10 @@ import fused_dora
 from fused_dora import FusedDoraLinear, autograd
 from helpers import make_inputs
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT / "benchmarks") not in sys.path:  # bench.py's package (not installed)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from dora_bench.cases import Case  # noqa: E402
-from dora_bench.competitors import build_competitor, make_call  # noqa: E402
-from dora_bench.inputs import make_data  # noqa: E402
-from dora_bench.instruments import count_dense_temporaries, saved_bytes, storage_key  # noqa: E402
+from dora_bench.cases import Case
+from dora_bench.competitors import build_competitor, make_call
+from dora_bench.inputs import make_data
+from dora_bench.instruments import count_dense_temporaries, saved_bytes, storage_key
 
 
 def _saved(case, name):

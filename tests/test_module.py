@@ -89,10 +89,12 @@ def test_module_matches_functional_reference_train_and_eval():
 def test_norm_cache_rules(monkeypatch):
     """Training forwards compute the norm; other forwards reuse it while its inputs provably hold."""
     calls = []
-    # every norm the Triton backend computes, by dora_weight_norm (the cache) or by dora_linear
-    # (a training forward, which computes its norm after its own checks)
-    real_row_norm = fused_dora.functional.row_norm
-    monkeypatch.setattr(fused_dora.functional, "row_norm", lambda *a, **k: (calls.append(1), real_row_norm(*a, **k))[1])
+    # every norm the Triton backend computes: for the cache (dora_weight_norm -> dora_row_norm), or
+    # in a training forward (the norm pass's partial sums, finished by the GEMM)
+    kernels = fused_dora.backend.load_kernels()
+    for name in ("dora_row_norm", "row_norm_partials"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
     layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
     _randomise_adapter(layer)
     x = torch.randn(4, 16, device=DEVICE)

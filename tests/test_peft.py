@@ -206,7 +206,11 @@ def tiny_ids():
 
 
 def test_unsupported_layers_are_reported_and_fall_back(kernel_calls, caplog):
-    model = tiny_mixed_peft(["emb", "c1d", "conv", "lin", "out"]).eval()
+    # PEFT builds DoRA on an Embedding from 0.13 on, on an nn.Conv1d from 0.16 on
+    unserved = ["c1d"] + ["emb"] * hasattr(peft.tuners.lora.dora, "DoraEmbeddingLayer") \
+        + ["conv"] * hasattr(peft.tuners.lora.dora, "DoraConv1dLayer")
+    total = len(unserved) + 2
+    model = tiny_mixed_peft(unserved + ["lin", "out"]).eval()
     ids = tiny_ids()
     with torch.no_grad():
         expected = model(ids)
@@ -215,14 +219,15 @@ def test_unsupported_layers_are_reported_and_fall_back(kernel_calls, caplog):
     assert n == 2  # lin and out
     assert len(record) == 1  # one summary line, counted by reason
     message = str(record[0].message)
-    assert "\n" not in message and "3 of 5 PEFT DoRA layers keep PEFT's own forward" in message
-    assert "Embedding layers are not served" in message and "fan_in_fan_out=True (1)" in message
-    assert "2 of 5 PEFT DoRA layers switched" in caplog.text
-    for name in ("emb", "c1d", "conv"):
+    assert "\n" not in message and f"{len(unserved)} of {total} PEFT DoRA layers keep PEFT's own forward" in message
+    assert "fan_in_fan_out=True (1)" in message
+    assert ("Embedding layers are not served" in message) == ("emb" in unserved)
+    assert f"2 of {total} PEFT DoRA layers switched" in caplog.text
+    for name in unserved:
         assert f"base_model.model.{name}:" in caplog.text  # each layer's reason at DEBUG
     status = {k.rsplit(".", 1)[-1]: v for k, v in fused_dora_status(model).items()}
-    assert status["lin"] == status["out"] == "fused"
-    assert "Embedding" in status["emb"] and "Conv1d" in status["conv"] and "fan_in_fan_out" in status["c1d"]
+    assert status["lin"] == status["out"] == "fused" and "fan_in_fan_out" in status["c1d"]
+    assert "Embedding" in status.get("emb", "Embedding") and "Conv1d" in status.get("conv", "Conv1d")
     with torch.no_grad():
         got = model(ids)
     if KERNELS_RUN:
@@ -452,3 +457,25 @@ def test_compiled_fullgraph_before_any_eager_call(monkeypatch):
     got = compiled(input_ids=ids).logits
     assert set(fused_dora_status(model).values()) == {"fused"}
     assert rel(got, logits(model, ids)) < 1e-5
+
+
+def test_peft_before_dora_layer_modules_is_refused(monkeypatch):
+    """PEFT < 0.12 kept the magnitudes in a ParameterDict, without peft.tuners.lora.dora: nothing is
+    switched, the warning and the status say why, and the model computes what PEFT computes."""
+    import re
+    import sys
+
+    import fused_dora.integrations.peft as integration
+
+    model = tiny_mixed_peft(["lin", "out"]).eval()
+    ids = tiny_ids()
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setattr(integration, "_PEFT_CLASSES", None)
+    monkeypatch.setitem(sys.modules, "peft.tuners.lora.dora", None)  # importing it fails, as in PEFT 0.11
+    reason = f"PEFT {peft.__version__} is not served (no DoraLinearLayer"
+    with pytest.warns(FusedDoraWarning, match=re.escape(reason)):
+        assert enable_fused_dora(model) == 0
+    assert all(v.startswith("not switched: " + reason) for v in fused_dora_status(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(ids), expected)

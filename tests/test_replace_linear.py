@@ -184,6 +184,32 @@ def test_save_adapter_mixed_ranks_and_rslora(tmp_path):
     assert rel(logits(fresh), expected) < 1e-5
 
 
+def test_save_adapter_top_level_pattern_keys(tmp_path):
+    peft = pytest.importorskip("peft")
+    from packaging.version import Version
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)).to(DEVICE)
+
+    trained = model()
+    replace_linear(trained, ["0"], r=2, lora_alpha=2, backend=BACKEND)
+    replace_linear(trained, ["1"], r=3, lora_alpha=3, backend=BACKEND)
+    randomize_adapters(trained)
+    x = torch.randn(5, 8, device=DEVICE)
+    with pytest.warns(UserWarning, match=r"PEFT < 0.15 cannot match .* top-level modules \(1\)"):
+        save_adapter(trained, tmp_path)
+    fresh = model()
+    if Version(peft.__version__) < Version("0.15"):  # r=2 for both: the r=3 tensors do not fit
+        with pytest.raises(ValueError, match="shape"):
+            load_adapter(fresh, tmp_path, backend=BACKEND)
+        return
+    assert load_adapter(fresh, tmp_path, backend=BACKEND) == 2
+    with torch.no_grad():
+        assert rel(fresh(x), trained(x)) < 1e-5
+        assert rel(peft.PeftModel.from_pretrained(model(), tmp_path)(x), trained(x)) < 1e-5
+
+
 def test_save_adapter_needs_layers(tmp_path):
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match="no FusedDoraLinear"):

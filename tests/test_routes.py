@@ -11,7 +11,7 @@ import fused_dora
 import fused_dora.kernels as K
 from fused_dora import FusedDoraLinear, routes
 from fused_dora.drivers import draw_dropout_seed
-from helpers import DEVICE, TOL, assert_close, make_inputs, reference_fp64, rel_err, run
+from helpers import DEVICE, TOL, assert_close, magnitude_grad_rescale, make_inputs, reference_fp64, rel_err, run
 
 SHAPES = [(1, 45, 53, 1), (37, 45, 53, 3), (50, 70, 33, 21), (29, 40, 70, 64)]  # ragged; r over one rank chunk
 
@@ -91,20 +91,20 @@ def test_launchers_of_the_composed_passes_vs_fp64():
     """Each new pass on its own: lora_up_grad's e output, the forward epilogue pass, the dx LoRA pass."""
     M, Kdim, N, r, s, p = 33, 40, 27, 6, 1.3, 0.25
     t = make_inputs(M, Kdim, N, r, seed=4)
-    dy, scale = torch.randn(M, N), torch.rand(N) + 0.5
+    dy, norm = torch.randn(M, N), torch.rand(N) + 0.5
+    scale = t["magnitude"] / norm
     e = torch.empty(M, N)
-    v = K.lora_up_grad(dy, scale, t["lora_B"], e_out=e)
+    v = K.lora_up_grad(dy, t["magnitude"], norm, t["lora_B"], 1e-12, e_out=e)
     torch.testing.assert_close(e, dy * scale)
     assert rel_err(v, (dy.double() * scale.double()) @ t["lora_B"].double()) < 1e-5
 
     su = torch.randn(M, r)
-    norm = torch.rand(N) + 0.5
     y = (t["x"] @ t["weight"].T).contiguous()
     ypre = t["x"].double() @ t["weight"].double().T + su.double() @ t["lora_B"].double().T
     q = K.dora_compose_epilogue(y, su, t["lora_B"], t["magnitude"], norm, t["bias"], 1e-12, store_q=True)
     c = t["magnitude"].double() / norm.double()
     assert rel_err(y, c * ypre + t["bias"].double()) < 1e-5
-    assert rel_err(q, ypre * fused_dora.drivers.magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
+    assert rel_err(q, ypre * magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
 
     base = torch.randn(M, Kdim)
     dx = base.clone()
@@ -420,7 +420,7 @@ def test_in_place_passes_survive_an_autotune_search(name):
         want = base + s * v @ lora
     else:
         lora_B, mag, norm = lora.T, torch.rand(C) + 0.5, torch.rand(C) + 0.5
-        search[grid](out, v, lora_B, mag, norm, norm, out, M, C, R, 32, lora_B.stride(0), lora_B.stride(1), 1e-12,
-                     HAS_BIAS=False, STORE_Q=False, BLOCK_R=16, PRECISION="ieee")
+        search[grid](out, v, lora_B, mag, norm, norm, norm, out, M, C, R, 32, lora_B.stride(0), lora_B.stride(1),
+                     1e-12, HAS_BIAS=False, STORE_Q=False, NORM_SPLITS=0, BLOCK_R=16, PRECISION="ieee")
         want = mag / norm * (base + v @ lora_B.T)
     assert rel_err(out, want) < 1e-5

@@ -1,5 +1,5 @@
 """FusedDoraCallback: one line for transformers' Trainer and TRL's SFTTrainer (which builds the PEFT
-model itself). 5 steps with the trainers' default optimizer (adamw_torch_fused), fp32, CPU: the
+model itself). 5 steps with adamw_torch_fused (the trainers' default), fp32, CPU: the
 losses and adapters equal the same runs without fused_dora."""
 import logging
 
@@ -68,8 +68,10 @@ def _sft_run(tmp_path, callbacks):
     datasets = pytest.importorskip("datasets")
     torch.manual_seed(0)
     data = datasets.Dataset.from_dict({"input_ids": trainer_data().tolist()})
-    # TRL's defaults otherwise: bf16 autocast and gradient checkpointing (kept), adamw_torch_fused
-    trainer = trl.SFTTrainer(model=tiny_llama(seed=0), args=trainer_args(trl.SFTConfig, tmp_path),
+    # TRL's defaults otherwise: bf16 autocast and gradient checkpointing (kept; named here for
+    # TRL < 0.22, whose SFTConfig did not checkpoint by default), adamw_torch_fused
+    args = trainer_args(trl.SFTConfig, tmp_path, gradient_checkpointing=True)
+    trainer = trl.SFTTrainer(model=tiny_llama(seed=0), args=args,
                              train_dataset=data, processing_class=_tokenizer(), peft_config=dora_config(),
                              callbacks=callbacks)
     assert trainer.args.gradient_checkpointing

@@ -202,7 +202,7 @@ def test_inference_mode_validation_between_training_steps():
 
 
 def _trainer_losses(tmp_path, fused: bool):
-    """5 steps of transformers' Trainer with its default optimizer on a tiny random Llama + PEFT DoRA."""
+    """5 steps of transformers' Trainer with adamw_torch_fused on a tiny random Llama + PEFT DoRA."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from fused_dora.integrations.peft import enable_fused_dora
@@ -218,7 +218,7 @@ def _trainer_losses(tmp_path, fused: bool):
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
-    assert args.optim == "adamw_torch_fused" and optimizer.defaults["fused"] is True  # the default
+    assert args.optim == "adamw_torch_fused" and optimizer.defaults["fused"] is True
     losses = logged_losses(trainer)
     assert len(losses) == 5
     return losses, model
@@ -226,7 +226,8 @@ def _trainer_losses(tmp_path, fused: bool):
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_trainer_default_optimizer_matches_peft(tmp_path):
-    """transformers' default optim is adamw_torch_fused: the run that was 1e-3 off PEFT's after 5 steps."""
+    """adamw_torch_fused, transformers' default optim (in recent releases): the run that was 1e-3 off PEFT's
+    after 5 steps."""
     plain, plain_model = _trainer_losses(tmp_path, fused=False)
     fused, fused_model = _trainer_losses(tmp_path, fused=True)
     for step, (a, b) in enumerate(zip(fused, plain)):

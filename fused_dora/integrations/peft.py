@@ -47,12 +47,15 @@ def _peft_classes():
 def _import_peft_classes():
     try:
         from peft.tuners.lora import layer as lora_layer
-        from peft.tuners.lora.dora import DoraLinearLayer
     except ImportError as exc:
         raise ImportError("fused_dora.integrations.peft needs peft: pip install 'fused_dora[peft]'") from exc
     try:
+        from peft.tuners.lora.dora import DoraLinearLayer
+    except ImportError:  # PEFT < 0.12 held the magnitudes in a ParameterDict (see _structural_reason)
+        DoraLinearLayer = None
+    try:
         from peft.tuners.lora.variants import DoraLinearVariant
-    except ImportError:  # PEFT before LoRA variants (< 0.15) dispatched DoRA on use_dora alone
+    except ImportError:  # PEFT before LoRA variants (< 0.16) dispatched DoRA on use_dora alone
         DoraLinearVariant = None
     return lora_layer, DoraLinearLayer, DoraLinearVariant
 
@@ -64,7 +67,11 @@ def _is_dora_layer(module) -> bool:
 
 def _structural_reason(module) -> Optional[str]:
     """None if the fused forward can be installed on this DoRA layer, else why not."""
-    lora_layer, _, _ = _peft_classes()
+    lora_layer, DoraLinearLayer, _ = _peft_classes()
+    if DoraLinearLayer is None:
+        import peft
+
+        return f"PEFT {peft.__version__} is not served (no DoraLinearLayer magnitudes; fused_dora serves PEFT >= 0.12)"
     kind = peft_bnb_layer_kind(module)
     if kind is not None:  # lora.bnb.Linear4bit / Linear8bitLt: fused_dora.integrations.peft_bnb
         return bnb_structural_reason(module, kind)
