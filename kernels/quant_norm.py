@@ -24,8 +24,10 @@ contraction, so the product and the sum above are rounded apart, as bitsandbytes
 
 One tiled pass: each program owns BLOCK_N rows and a slice of the K columns, unpacks its codes,
 looks up the code table and the block scales, forms the tile dequant(W) + s * B @ A in registers
-(fp32) and writes its partial sum of squares. The launcher adds the K slices (deterministic, no
-atomics) and takes the square root. Each packed byte is read from memory once.
+(fp32) and writes its partial sum of squares; with one slice it finishes its rows itself (the
+square root). Several slices are added in order and square-rooted by norm.finish_row_norm
+(deterministic, no atomics), bit for bit as the dense norm is finished. Each packed byte is read
+from memory once.
 """
 from typing import Optional
 
@@ -34,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._launch import autotune, block_r, dot_precision, split_count
+from .norm import finish_row_norm
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -97,13 +100,14 @@ def _quant_row_sumsq_kernel(
     packed_ptr, code_ptr, absmax_ptr,      # packed codes uint8, code table fp32 [16], absmax (fp32, or uint8 if NESTED)
     absmax2_ptr, code2_ptr, offset_ptr,    # NESTED only: absmax2 fp32, code2 fp32 [256], offset fp32 [1]
     lora_a_ptr, lora_b_ptr,                # A [R, K], B [N, R] (same dtype)
-    out_ptr,                               # partial sums of squares [k_splits, N] fp32
+    out_ptr,                               # partial sums of squares [k_splits, N] fp32 (FINISH: n [N])
     N, K, R,
     stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
     k_splits,                              # the slices of K reduced in parallel
     BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr, ROUND_TO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    FINISH: tl.constexpr,                  # one slice (k_splits == 1): store the square root
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -137,6 +141,8 @@ def _quant_row_sumsq_kernel(
             ba = tl.dot(b, a, ba, input_precision=PRECISION)
         tile = w + scaling * ba
         sumsq += tl.sum(tile * tile, axis=1)
+    if FINISH:
+        sumsq = tl.sqrt_rn(sumsq)
     tl.store(out_ptr + pid_k * N + rows, sumsq, mask=row_ok)
 
 
@@ -152,7 +158,8 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
     nested_* tensors: absmax2 fp32, code2 fp32 [256], offset fp32 [1], and nested_blocksize);
     blocksize and nested_blocksize powers of two. dequant(W) is rounded to ``weight_dtype``
     (fp32 / fp16 / bf16). lora_A [r, K], lora_B [N, r] (same dtype). The product B @ A runs as in
-    kernels.norm.dora_row_norm. k_splits overrides how many slices of K run in parallel.
+    kernels.norm.dora_row_norm. k_splits overrides how many slices of K run in parallel. One launch
+    when K is not split, else two (the slices finished by norm.finish_row_norm, as the dense norm).
     """
     N, K = int(shape[0]), int(shape[1])
     R = lora_A.shape[0]
@@ -170,10 +177,10 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling), k_splits,
         BLOCK_SHIFT=_shift(blocksize), NESTED_SHIFT=_shift(nested_blocksize), NESTED=nested,
-        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_R=block_r(R), PRECISION=precision,
+        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_R=block_r(R), PRECISION=precision, FINISH=k_splits == 1,
         enable_fp_fusion=False,
     )
-    return partial.sum(dim=0).sqrt()
+    return partial[0] if k_splits == 1 else finish_row_norm(partial)
 
 
 @triton.jit
