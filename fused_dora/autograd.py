@@ -24,7 +24,7 @@ Backward (n is a constant, DoRA paper §4.3; dy [M, N]):
 
 Saved for the backward, only what the needed gradients read (``saved_tensors``): x (for dA,
 dW), su (for dB), q = ypre · t (for dg; t = 2**floor(log2 c) per column keeps q finite in
-16 bits wherever y is, see drivers.magnitude_grad_rescale), the [N] fp32 norm (a training
+16 bits wherever y is, see kernels/epilogue.py's magnitude_grad_rescale), the [N] fp32 norm (a training
 forward computes its own: 4·N bytes), and the parameters W, A, B, g (saving those costs no
 memory). c is re-formed from g and n. Both GEMM routes (fused / composed, fused_dora.routes)
 compute these same quantities and save the same tensors, so forward and backward choose apart.

@@ -7,7 +7,7 @@ torch.mm (cuBLAS on a GPU) and fuses only the work around them:
               ypre = y + su @ B.T                 dora_compose_epilogue: reads y, r extra K-steps,
               y    = c * ypre + bias              then the fused GEMM's epilogue (epilogue.py),
               q    = ypre * t                     y written back in place
-    backward  e, v = dy * c, e @ B                backward.lora_up_grad(e_out=...): one pass over dy
+    backward  e, v = dy * c, e @ B                input_grad.lora_up_grad(e_out=...): one pass over dy
               dx   = e @ W                        torch.mm
               dx  += s * dropout_bwd(v @ A)       add_lora_input_grad, in place, the forward's mask
 

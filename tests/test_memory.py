@@ -26,8 +26,8 @@ def _saved(case, name):
 @pytest.mark.parametrize("mode", ["train0", "train05"])
 @pytest.mark.parametrize("dtype", ["fp16+fp32", "fp16", "fp32"])
 def test_saved_for_backward_at_most_lora_plus_one_output(mode, dtype):
-    """T9: fused_dora saves x, su [M, r], ypre [M, N] and the [N] fp32 norm its forward computed;
-    PEFT LoRA saves x (or its fp32 copy) and its own [M, r] (plus the dropout mask and the dropped
+    """T9: fused_dora saves x, su [M, r], q [M, N] (ypre rescaled per column) and the [N] fp32 norm
+    its forward computed; PEFT LoRA saves x (or its fp32 copy) and its own [M, r] (plus the dropout mask and the dropped
     x): at most one [M, N] tensor and the norm more."""
     pytest.importorskip("peft")
     M, r = 40, 16
@@ -36,7 +36,7 @@ def test_saved_for_backward_at_most_lora_plus_one_output(mode, dtype):
     lora, _ = _saved(case, "peft_lora")
     act, ad = data.act.itemsize, data.ad.itemsize
     norm = case.N * 4
-    assert fused == M * case.K * act + M * r * ad + M * case.N * act + norm  # x, su, ypre, norm: nothing else
+    assert fused == M * case.K * act + M * r * ad + M * case.N * act + norm  # x, su, q, norm: nothing else
     assert fused <= lora + M * case.N * act + norm
 
 
