@@ -45,6 +45,14 @@ _GPU_CONFIGS = [
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})
 
 _ROUND_TO = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# a tile's elements are addressed by 32-bit offsets from its first one: BLOCK_N rows of K
+_MAX_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in _GPU_CONFIGS + [_INTERPRETER_CONFIG])
+
+
+def _check_row_span(K: int) -> None:
+    if _MAX_BLOCK_N * K >= 2**31:
+        raise ValueError(f"4-bit weights with {K} columns are not served ({_MAX_BLOCK_N} rows of them pass 32-bit "
+                         "offsets)")
 
 
 def _shift(blocksize: int) -> int:
@@ -162,6 +170,7 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
     when K is not split, else two (the slices finished by norm.finish_row_norm, as the dense norm).
     """
     N, K = int(shape[0]), int(shape[1])
+    _check_row_span(K)
     R = lora_A.shape[0]
     k_splits = k_splits or split_count(triton.cdiv(N, 32), triton.cdiv(K, 128), lora_A.device, rows_per_split_min=4)
     partial = torch.empty((k_splits, N), dtype=torch.float32, device=lora_A.device)
@@ -206,6 +215,7 @@ def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torc
     """The dense W [N, K] (fp32 holding ``weight_dtype`` values) exactly as the norm kernel forms its
     tiles (``dequant_4bit_tile``). For tests and debugging only: the norm never materialises it."""
     N, K = int(shape[0]), int(shape[1])
+    _check_row_span(K)
     out = torch.empty((N, K), dtype=torch.float32, device=packed.device)
     nested = nested_absmax is not None
     grid = (triton.cdiv(N, 32), triton.cdiv(K, 128))
