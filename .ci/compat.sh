@@ -36,5 +36,5 @@ PINS=("torch==$TORCH" "triton==$TRITON" "numpy<2.4")
 echo "compat.sh: installed in $((SECONDS - start)) s"
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_module.py tests/test_kernels.py \
-    tests/test_routes.py tests/test_peft.py tests/test_versions.py tests/test_compile_report.py
+    tests/test_routes.py tests/test_peft.py tests/test_backend.py tests/test_packaging.py tests/test_compile_report.py
 echo "compat.sh: done in $((SECONDS - start)) s"

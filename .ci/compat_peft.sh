@@ -27,11 +27,8 @@ pytest() { "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"; }
 TESTS=(
     tests/test_peft.py tests/test_trainer_callback.py tests/test_replace_linear.py tests/test_typing.py
     tests/test_checkpointing.py::test_transformers_gradient_checkpointing
-    tests/test_training_loops.py::test_trainer_default_optimizer_matches_peft
-    tests/test_training_loops.py::test_inference_mode_validation_through_enable_fused_dora
-    tests/test_reliability.py::test_in_place_after_peft_projection
-    tests/test_reliability.py::test_broken_kernels_import_warns_and_status_tells
-    tests/test_reliability.py::test_integration_functions_check_model_type
+    tests/test_backend.py::test_broken_kernels_import_warns_and_status_tells
+    tests/test_validation.py::test_integration_functions_check_model_type
 )
 
 echo "== peft==$PEFT transformers==$TRANSFORMERS"

@@ -16,7 +16,7 @@ specialisations) are the ones a GPU run would pass; each config is then compiled
 ``JITFunction.warmup`` against a stand-in driver that reports the target. Triton's cache keeps
 the results (a re-run is quick); compiles run in a process pool (``--jobs``).
 
-Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what _launch.autotune
+Per config: the launcher's shared-memory estimate (its ``smem_bytes``, what tuning.autotune
 prunes by) against the compiled ``metadata.shared``; whether the autotuner can pick the config on
 that GPU (it survives the pruning by shared memory and by kernels/_spills.py, the configs measured
 to spill, which ``--write-spills`` rewrites from this report); registers and stack (spill) bytes per
@@ -29,41 +29,33 @@ without wgmma on sm_90.
 """
 from __future__ import annotations
 
+import argparse
+import concurrent.futures
+import datetime
+import json
+import multiprocessing
 import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
-# Compiling needs Triton's real JIT, not its interpreter (tests/conftest.py sets the variable).
-os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
 
-import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.driver import DriverBase  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
+from fused_dora import drivers
+from fused_dora.kernels import tuning
+from fused_dora.kernels.quant_norm import dora_quant_row_norm
+from fused_dora.kernels.tuning import case_variant, config_name, pickable_configs, smem_budget, spill_case
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fused_dora import drivers  # noqa: E402
-from fused_dora.backend import load_kernels  # noqa: E402
-
-load_kernels()  # fused_dora.kernels, also from a source checkout that is not installed
-from fused_dora.kernels import _launch  # noqa: E402
-from fused_dora.kernels._launch import (TUNED_KERNELS, case_variant, config_name, pickable_configs,  # noqa: E402
-                                        smem_budget, spill_case)
+TUNED_KERNELS = tuning.tuned_kernels()  # every kernel family imported: compiled for the GPU named, never run
 
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
@@ -81,6 +73,7 @@ DTYPE_PAIRS = [("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "f
 RANKS = (16, 384)
 # the CI test's subset: bf16 activations with fp32 adapters (PEFT's default) at the high rank and
 # all-bf16 at a common rank, every kernel and config, dropout on (the heavier variant)
+SUBSET_WORDS = {"ci": "bf16 activations with fp32 adapters at r = 384 and all-bf16 at r = 16, dropout on"}
 SUBSETS = {
     "full": [(x, a, r, d) for x, a in DTYPE_PAIRS for r in RANKS for d in (False, True)],
     "ci": [("bf16", "fp32", 384, True), ("bf16", "bf16", 16, True)],
@@ -141,8 +134,8 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
     mag = torch.empty(N, dtype=adapter_dtype, device=meta)
     dy = torch.empty(M, N, dtype=x_dtype, device=meta)
     calls = []
-    real_num_sms = _launch.num_sms
-    _launch.num_sms = lambda device: sms
+    real_num_sms = tuning.num_sms
+    tuning.num_sms = lambda device: sms
     for name, tuned in TUNED_KERNELS.items():
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
@@ -150,7 +143,7 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
         # the row norm of a 4-bit weight (QDoRA, kernels/quant_norm.py): NF4 codes, double-quantized
         # absmax (what QLoRA uses), dequantized to the activation dtype
         blocks = -(-N * Kd // 64)
-        load_kernels().dora_quant_row_norm(
+        dora_quant_row_norm(
             torch.empty((N * Kd + 1) // 2, dtype=torch.uint8, device=meta), torch.empty(16, device=meta),
             torch.empty(blocks, dtype=torch.uint8, device=meta), 64, (N, Kd), x_dtype, a, b, s,
             nested_absmax=torch.empty(-(-blocks // 256), device=meta), nested_code=torch.empty(256, device=meta),
@@ -163,7 +156,7 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
             drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=True, need_da=True,
                                    need_db=True, need_dmag=True, route=route)
     finally:
-        _launch.num_sms = real_num_sms
+        tuning.num_sms = real_num_sms
         for tuned in TUNED_KERNELS.values():
             del tuned.kernel.run
     return calls
@@ -298,7 +291,7 @@ def _tile(row):
     return "x".join(str(v) for v in row["blocks"].values())
 
 
-def markdown(target_name: str, rows, seconds: float, with_rows: bool = False) -> str:
+def markdown(target_name: str, rows, seconds: float, with_rows: bool = False, subset: str = "full") -> str:
     """The report: header, per-kernel summary and the problems; ``with_rows`` adds every row."""
     target, max_smem, gpus = TARGETS[target_name]
     budget = smem_budget(max_smem)
@@ -307,10 +300,12 @@ def markdown(target_name: str, rows, seconds: float, with_rows: bool = False) ->
         "",
         f"triton {triton.__version__}, torch {torch.__version__}, {datetime.date.today().isoformat()}, "
         f"git {_git_rev()}; {len(rows)} kernel x config x case rows, compiled in {seconds:.0f} s. "
-        f"Generated by `python benchmarks/compile_report.py --target {target_name}`.",
+        f"Generated by `python benchmarks/compile_report.py --target {target_name}"
+        + ("`." if subset == "full" else f" --subset {subset}`: {SUBSET_WORDS[subset]}."),
         "",
         f"Shared memory: {max_smem:,} B per block. The autotuner prunes, before compiling, the configs whose "
-        f"estimate exceeds {budget:,} B (90%) and those kernels/_spills.py lists for {target_name} (measured to spill); "
+        f"estimate exceeds {budget:,} B (90%) and those kernels/_spills.py lists for {target_name} "
+        "(measured to spill); "
         "the rest are *pickable* (*dflt*: the one FUSED_DORA_AUTOTUNE=0 takes). *est.*: the launcher's "
         "estimate (`smem_bytes`), which must be an upper bound of *smem*, the compiled figure. *regs*, "
         "*spill*: registers and stack bytes per thread (spill 0: none). *mma*: tensor-core instructions in "
@@ -340,7 +335,8 @@ def markdown(target_name: str, rows, seconds: float, with_rows: bool = False) ->
                                      "upper bound" + (", wgmma in every large GEMM tile." if target_name == "sm_90"
                                                       else ".")]
     if not with_rows:
-        out += ["", "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
+        out += ["",
+                "The rows per kernel, config and case: add `--rows` (markdown) or `--json FILE` to the command above",
                 "(Triton's cache makes a re-run quick once a target was compiled)."]
     for name in TUNED_KERNELS if with_rows else ():
         mine = [r for r in rows if r["kernel"] == name]
@@ -368,14 +364,17 @@ SPILLS_FILE = ROOT / "kernels" / "_spills.py"
 
 def write_spills(everything) -> None:
     """Rewrite _spills.SPILLS from ``{target: rows}``: every config that fits in shared memory and
-    spills, per kernel, architecture and case. Other architectures' entries are kept."""
+    spills, per kernel, architecture and case. Entries of the cases and architectures the rows do
+    not cover are kept (a ``--subset ci`` run rewrites only its own cases)."""
     from fused_dora.kernels._spills import SPILLS
 
     table = {k: dict(v) for k, v in SPILLS.items()}
     for target_name, rows in everything.items():
         arch = TARGETS[target_name][0].arch
         for kernel in {r["kernel"] for r in rows}:
-            cases = {}
+            cases = dict(table.get(kernel, {}).get(arch, {}))
+            for case in {r["case"] for r in rows if r["kernel"] == kernel}:
+                cases.pop(case, None)
             for r in rows:
                 if r["kernel"] == kernel and r["fits"] and not r["error"] and r["stack"] > 0:
                     cases.setdefault(r["case"], []).append(r["name"])
@@ -432,19 +431,19 @@ def main(argv=None) -> int:
     ap.add_argument("--write-spills", action="store_true",
                     help=f"rewrite {SPILLS_FILE.relative_to(ROOT)} from these targets' spilling configs (full subset)")
     opts = ap.parse_args(argv)
+    if tuning.INTERPRET:  # the kernels were decorated for Triton's interpreter when imported
+        ap.error("TRITON_INTERPRET is set: unset it, the report compiles the kernels for GPUs")
     if opts.out and "," in opts.target and "{target}" not in opts.out:
         ap.error("--out needs {target} in the path for several targets")
-    if opts.write_spills and opts.subset != "full":
-        ap.error("--write-spills needs the full subset (it replaces each target's table)")
     kernels = opts.kernels.split(",") if opts.kernels else None
     everything, bad = {}, 0
     for target_name in opts.target.split(","):
-        def progress(done, total):
+        def progress(done, total, target_name=target_name):
             if done % 20 == 0 or done == total:
                 print(f"[{target_name}] compiled {done}/{total}", file=sys.stderr, flush=True)
 
         rows, seconds = report(target_name, opts.subset, opts.jobs, kernels, progress)
-        text = markdown(target_name, rows, seconds, with_rows=opts.rows)
+        text = markdown(target_name, rows, seconds, with_rows=opts.rows, subset=opts.subset)
         print(text)
         if opts.out:
             Path(opts.out.format(target=target_name.replace("_", ""))).write_text(text)

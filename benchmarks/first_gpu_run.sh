@@ -21,16 +21,9 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
     echo "first_gpu_run: no CUDA device visible to torch; nothing to do" >&2
     exit 2
 fi
-# fused_dora.kernels ships from the top-level kernels/ folder: install the checkout if it is not
-# importable; if pip cannot (offline, old setuptools), load the kernels at interpreter start-up
+# the checkout itself, installed or not (fused_dora finds its kernels/ folder in a checkout)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import fused_dora.kernels" 2>/dev/null \
-        && ! python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; then
-    shim=$(mktemp -d)
-    echo "from fused_dora.backend import load_kernels; load_kernels()" > "$shim/sitecustomize.py"
-    export PYTHONPATH="$shim:$PYTHONPATH"
-fi
-python -c "import fused_dora.kernels" || { echo "first_gpu_run: cannot import fused_dora.kernels" >&2; exit 2; }
+python -c "import fused_dora.kernels.tuning" || { echo "first_gpu_run: cannot import fused_dora.kernels" >&2; exit 2; }
 
 results=benchmarks/results
 mkdir -p "$results"

@@ -1,16 +1,13 @@
 """Which path computes a call: the Triton kernels or the PyTorch reference, and why.
 
-    load_kernels()            fused_dora.kernels (imports triton), also from a source checkout
+    load_kernels()            every kernel family imported (imports triton); fused_dora.kernels.tuning
     reference_reason(...)     None where the kernels run, else why the reference path does
     resolve_backend(...)      "triton" | "reference" for a call; raises where "triton" was forced
     version_reason(...)       why an installed triton (or its interpreter's numpy) cannot run the kernels
 
 Nothing here imports triton until a kernel is needed.
 """
-import importlib
-import importlib.util
 import os
-import pathlib
 import re
 import sys
 import warnings
@@ -30,33 +27,20 @@ class FusedDoraWarning(UserWarning):
 
 
 def _import_kernels():
-    """fused_dora.kernels. In a source checkout that is on sys.path but not installed, the
-    kernels folder sits beside the package rather than in it: load it from there."""
-    name = __package__ + ".kernels"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:  # triton or another dependency is missing: not ours to fix
-            raise
-    init = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-    if not init.is_file():
-        raise ImportError(f"{name} is missing from this installation (no {init})")
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """fused_dora.kernels.tuning, once every kernel family is imported (and registered)."""
+    from .kernels import tuning
+
+    tuning.tuned_kernels()
+    return tuning
 
 
 _kernels_module = None
 
 
 def load_kernels():
-    """fused_dora.kernels, imported on first use (it imports triton)."""
+    """fused_dora.kernels.tuning, with every kernel family imported on first use (they import triton).
+    The compute code imports the launchers it calls from their families; this is the backend's check
+    that they import at all, before a call relies on them."""
     global _kernels_module
     if _kernels_module is None:
         _kernels_module = _import_kernels()
@@ -95,7 +79,7 @@ def _find_device_reason(device_type: str, interpret_env: str) -> Optional[str]:
 
 def _installation_reason():
     """(why the installed triton, or the numpy its interpreter uses, cannot run the kernels, None),
-    else (None, fused_dora.kernels)."""
+    else (None, fused_dora.kernels.tuning)."""
     try:
         import triton
 

@@ -7,13 +7,15 @@ c or 1/(t·n) each gradient still needs is applied here, in one place.
 The two big GEMMs take one of two routes (fused_dora.routes): "fused" (Triton GEMMs with the
 DoRA work inside) or "composed" (torch.mm, i.e. cuBLAS, with light Triton passes around it).
 Everything else, and what is saved, is the same on both.
+
+Each function imports the launchers it calls from their kernel family (``from .kernels.forward
+import dora_forward``) when it runs: the kernels import triton, which importing fused_dora must not.
 """
 import contextlib
 import functools
 
 import torch
 
-from .backend import load_kernels
 from .reference import NORM_EPS
 from .routes import RouteCase, known_route, timed_route
 
@@ -48,46 +50,57 @@ def no_autocast(device: torch.device):
 
 def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """n [N] fp32 = ||weight + scaling * lora_B @ lora_A|| per row (one tiled pass over weight)."""
-    return load_kernels().dora_row_norm(weight, lora_A, lora_B, scaling)
+    from .kernels.norm import dora_row_norm
+
+    return dora_row_norm(weight, lora_A, lora_B, scaling)
 
 
 def forward_fused(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
     """Route "fused": one Triton GEMM x @ W.T + su @ B.T with the DoRA epilogue; writes y into
     ``out`` [M, N] (and a norm given as partial sums, finished, into ``norm_out``); returns q [M, N]
     (store_q) or None."""
-    return load_kernels().dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out,
-                                       norm_out=norm_out)[1]
+    from .kernels.forward import dora_forward
+
+    return dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out,
+                        norm_out=norm_out)[1]
 
 
 def forward_composed(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
     """Route "composed": torch.mm writes x @ W.T into ``out`` [M, N], then one Triton pass adds
     su @ B.T and applies the same epilogue in place; returns q [M, N] (store_q) or None."""
+    from .kernels.composed import dora_compose_epilogue
+
     with no_autocast(x.device):  # dora_linear already applied autocast's dtype
         torch.mm(x, weight.t(), out=out)
-    return load_kernels().dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q,
-                                                norm_out=norm_out)
+    return dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, norm_out=norm_out)
 
 
 def _scaled_grad_and_v(dy, magnitude, norm, lora_B):
     """(e, v): e = dy * c [M, N] (dy's dtype) and v = e @ B [M, r] fp32, from one row pass over dy."""
+    from .kernels.input_grad import lora_up_grad
+
     e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
-    return e, load_kernels().lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=e)
+    return e, lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=e)
 
 
 def input_grad_fused(dy, magnitude, norm, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Route "fused": (v, dx); one row pass forms e = dy * c and v = e @ B, then one Triton GEMM
     dx = e @ W + s * dropout_bwd(v @ A)."""
+    from .kernels.input_grad import dora_input_grad
+
     e, v = _scaled_grad_and_v(dy, magnitude, norm, lora_B)
-    return v, load_kernels().dora_input_grad(e, weight, v, lora_A, scaling, dropout_p, seed)
+    return v, dora_input_grad(e, weight, v, lora_A, scaling, dropout_p, seed)
 
 
 def input_grad_composed(dy, magnitude, norm, weight, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
     """Route "composed": (v, dx); the same row pass, torch.mm forms e @ W, and one Triton pass adds
     s * dropout_bwd(v @ A) in place."""
+    from .kernels.composed import add_lora_input_grad
+
     e, v = _scaled_grad_and_v(dy, magnitude, norm, lora_B)
     with no_autocast(dy.device):  # a backward inherits the forward's autocast
         dx = torch.mm(e, weight)
-    load_kernels().add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
+    add_lora_input_grad(dx, v, lora_A, scaling, dropout_p, seed)
     return v, dx
 
 
@@ -108,7 +121,9 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
     the norm returned is the one used. ``route`` ("fused", "composed" or "auto", see
     fused_dora.routes): lora_down, then `forward_fused` or `forward_composed`.
     """
-    k = load_kernels()
+    from .kernels.forward import lora_down
+    from .kernels.norm import row_norm_partials
+
     M, N, R = x.shape[0], weight.shape[0], lora_A.shape[0]
     y = x.new_empty(out_shape if out_shape is not None else (M, N))
     if M == 0:
@@ -117,9 +132,9 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
         return y, su, (x.new_empty((0, N)) if store_q else None), norm
     norm_out = None
     if norm is None:
-        norm = k.row_norm_partials(weight, lora_A, lora_B, scaling)
+        norm = row_norm_partials(weight, lora_A, lora_B, scaling)
         norm_out = torch.empty((N,), dtype=torch.float32, device=x.device)
-    su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
+    su = lora_down(x, lora_A, scaling, dropout_p, seed)
     args = (x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q)
     case = RouteCase("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0, store_q)
     chosen = known_route(route, case)
@@ -142,7 +157,9 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, magnitude, norm, scalin
     dA, dB and dmagnitude are computed alike on both: column passes writing partial sums, and one
     launch finishing all three.
     """
-    k = load_kernels()
+    from .kernels.adapter_grads import finish_adapter_grads, lora_A_grad_partials, magnitude_and_B_grad_partials
+    from .kernels.input_grad import lora_up_grad
+
     M, N = dy.shape
     dx = None
     if M == 0:
@@ -159,13 +176,12 @@ def fused_backward(dy, x, weight, lora_A, lora_B, su, q, magnitude, norm, scalin
                                         for name, body in INPUT_GRAD_ROUTES.items()})
         v, dx = INPUT_GRAD_ROUTES[chosen](*args)
     elif need_da:
-        v = k.lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS)  # v = (dy * c) @ B
-    da_part = k.lora_A_grad_partials(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype) if need_da else None
+        v = lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS)  # v = (dy * c) @ B
+    da_part = lora_A_grad_partials(v, x, dropout_p, seed, adapter_dtype=lora_A.dtype) if need_da else None
     dmag_part = db_part = None
     if need_dmag or need_db:
-        dmag_part, db_part = k.magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
-    dmag, db, da = k.finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, scaling,
-                                          NORM_EPS)
+        dmag_part, db_part = magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db, adapter_dtype=lora_B.dtype)
+    dmag, db, da = finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, scaling, NORM_EPS)
     return dx, da, db, dmag
 
 

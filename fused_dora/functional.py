@@ -85,8 +85,8 @@ def dora_linear(
         if lora_A.dtype not in (cast, torch.float32):
             lora_A, lora_B = lora_A.to(cast), lora_B.to(cast)
         with torch.autocast(x.device.type, enabled=False):
-            return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend, norm=norm,
-                               route=route)
+            return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, training, backend,
+                               norm=norm, route=route)
     scaling, dropout_p = check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p, backend, norm,
                                       training)
     if route is not None:  # a bad argument is an error on every backend; FUSED_DORA_ROUTE only where read

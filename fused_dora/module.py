@@ -1,6 +1,5 @@
 """FusedDoraLinear: a drop-in nn.Linear with a DoRA adapter, served by the fused kernels."""
 import math
-import numbers
 import warnings
 from typing import Optional, Union
 
@@ -104,7 +103,8 @@ class FusedDoraLinear(nn.Module):
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.backend = backend
         self.route = route
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
@@ -246,7 +246,7 @@ class FusedDoraLinear(nn.Module):
         loads as an unmerged layer that computes the same function.
         """
         if self.merged:
-            warnings.warn("FusedDoraLinear.merge(): already merged; nothing done")
+            warnings.warn("FusedDoraLinear.merge(): already merged; nothing done", stacklevel=2)
             return
         w = self.weight
         mag_scale = magnitude_scale(self.magnitude, self.weight_norm())  # fp32 [out]
@@ -278,7 +278,7 @@ class FusedDoraLinear(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weight merged by :meth:`merge` (within weight's dtype rounding)."""
         if not self.merged:
-            warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done")
+            warnings.warn("FusedDoraLinear.unmerge(): not merged; nothing done", stacklevel=2)
             return
         self.weight.copy_(self._unmerged_weight())
         self.merged = False

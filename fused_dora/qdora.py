@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 
 from . import reference
 from .autograd import refuse_double_backward
-from .backend import load_kernels, resolve_backend
+from .backend import resolve_backend
 from .drivers import draw_dropout_seed, fused_backward, fused_forward, narrow_column_offsets
 from .quantized import Packed4bit, describe_4bit, describe_8bit, is_params4bit, quantized_weight_norm
 from .reference import NORM_EPS, magnitude_scale
@@ -234,8 +234,10 @@ class DoraOverBaseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, base_out, x, bias, lora_A, lora_B, magnitude, norm, scaling, dropout_p, seed, out_shape):
+        from .kernels.composed import dora_compose_epilogue
+        from .kernels.forward import lora_down
+
         need_dbase, need_dx, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
-        k = load_kernels()
         M, N = base_out.shape
         y = torch.empty(out_shape, dtype=base_out.dtype, device=base_out.device)
         y2d = y.view(M, N)
@@ -247,8 +249,8 @@ class DoraOverBaseFunction(torch.autograd.Function):
             su = torch.empty((0, lora_A.shape[0]), dtype=lora_A.dtype, device=x.device)
             q = base_out.new_empty((0, N)) if need_dmag else None
         else:
-            su = k.lora_down(x, lora_A, scaling, dropout_p, seed)
-            q = k.dora_compose_epilogue(y2d, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=need_dmag)
+            su = lora_down(x, lora_A, scaling, dropout_p, seed)
+            q = dora_compose_epilogue(y2d, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=need_dmag)
         ctx.save_for_backward(x if need_da else None, lora_A, lora_B, magnitude, norm,
                               su if need_db else None, q if need_dmag else None)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
@@ -260,8 +262,11 @@ class DoraOverBaseFunction(torch.autograd.Function):
     def backward(ctx, dy):
         refuse_double_backward()
         need_dbase, need_dx, need_dbias, need_da, need_db, need_dmag = ctx.needs_input_grad[:6]
+        from .kernels.adapter_grads import finish_adapter_grads, lora_A_grad_partials, magnitude_and_B_grad_partials
+        from .kernels.composed import add_lora_input_grad
+        from .kernels.input_grad import lora_up_grad
+
         x, lora_A, lora_B, magnitude, norm, su, q = ctx.saved_tensors
-        k = load_kernels()
         dy = narrow_column_offsets(dy.reshape(-1, dy.shape[-1]))
         M, N = dy.shape
         magnitude = magnitude.detach()
@@ -272,23 +277,23 @@ class DoraOverBaseFunction(torch.autograd.Function):
         elif need_dbase or need_dbias or need_dx or need_da:
             dbase = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
             # v = (dy·c)·B, and dbase = e = dy·c, c formed from magnitude and norm as the epilogue forms it
-            v = k.lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=dbase)
+            v = lora_up_grad(dy, magnitude, norm, lora_B, NORM_EPS, e_out=dbase)
         if need_dx:
             x_shape, x_dtype = ctx.x_meta
             dx = torch.zeros(x_shape, dtype=x_dtype, device=dy.device)
             if M:
-                k.add_lora_input_grad(dx, v, lora_A, s, p, seed)
+                add_lora_input_grad(dx, v, lora_A, s, p, seed)
         if M == 0:
             da = torch.zeros_like(lora_A) if need_da else None
             db = torch.zeros_like(lora_B) if need_db else None
             dmag = torch.zeros_like(magnitude) if need_dmag else None
         else:  # column passes writing partial sums, one launch finishing dmag, dB and dA (as fused_backward)
-            da_part = k.lora_A_grad_partials(v, x, p, seed, adapter_dtype=lora_A.dtype) if need_da else None
+            da_part = lora_A_grad_partials(v, x, p, seed, adapter_dtype=lora_A.dtype) if need_da else None
             dmag_part = db_part = None
             if need_dmag or need_db:
-                dmag_part, db_part = k.magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db,
+                dmag_part, db_part = magnitude_and_B_grad_partials(dy, q, su, need_dmag, need_db,
                                                                      adapter_dtype=lora_B.dtype)
-            dmag, db, da = k.finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, s,
+            dmag, db, da = finish_adapter_grads(dmag_part, db_part, da_part, magnitude, norm, lora_A, lora_B, s,
                                                   NORM_EPS)
         if need_dbias:  # y = c·(base − b) + b: b's own term is (1 − c)·dy (base_out carries the rest)
             dbias = (dy.float().sum(0) - dbase.float().sum(0)).to(ctx.bias_dtype)

@@ -103,7 +103,7 @@ class FusedDoraLinear4bit(FusedDoraLinear):
         PEFT merges a 4-bit DoRA layer; forward becomes bitsandbytes' own 4-bit matmul. The
         original weight is kept for :meth:`unmerge`."""
         if self.merged:
-            warnings.warn("FusedDoraLinear4bit.merge(): already merged; nothing done")
+            warnings.warn("FusedDoraLinear4bit.merge(): already merged; nothing done", stacklevel=2)
             return
         packed, reason = describe_4bit(self.weight)
         if packed is None:
@@ -122,7 +122,7 @@ class FusedDoraLinear4bit(FusedDoraLinear):
     def unmerge(self) -> None:
         """Put the original 4-bit weight back (bit for bit: it was kept, not recomputed)."""
         if not self.merged:
-            warnings.warn("FusedDoraLinear4bit.unmerge(): not merged; nothing done")
+            warnings.warn("FusedDoraLinear4bit.unmerge(): not merged; nothing done", stacklevel=2)
             return
         self.weight = self._merge_state["weight"]
         self.merged = False

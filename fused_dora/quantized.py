@@ -27,7 +27,7 @@ from typing import Any, Optional, Tuple, Union
 import torch
 
 from . import reference
-from .backend import load_kernels, resolve_backend
+from .backend import resolve_backend
 
 BNB_4BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit allows
 QUANT_TYPES = ("nf4", "fp4")
@@ -278,7 +278,9 @@ def quantized_weight_norm(qweight: QuantizedWeight, lora_A: torch.Tensor, lora_B
         if isinstance(qweight, Packed4bit):
             if use == "reference":
                 return reference.weight_norm(qweight.dequantize(), lora_A, lora_B, scaling)
-            return load_kernels().dora_quant_row_norm(
+            from .kernels.quant_norm import dora_quant_row_norm
+
+            return dora_quant_row_norm(
                 qweight.packed, qweight.code, qweight.absmax, qweight.blocksize, qweight.shape, qweight.dtype,
                 lora_A, lora_B, scaling, nested_absmax=qweight.nested_absmax, nested_code=qweight.nested_code,
                 nested_offset=qweight.nested_offset, nested_blocksize=qweight.nested_blocksize)
@@ -291,5 +293,7 @@ def quantized_weight_norm(qweight: QuantizedWeight, lora_A: torch.Tensor, lora_B
             if use == "reference":
                 parts.append(reference.weight_norm(w, lora_A, b, scaling))
             else:
-                parts.append(load_kernels().dora_row_norm(w, lora_A, b, scaling))
+                from .kernels.norm import dora_row_norm
+
+                parts.append(dora_row_norm(w, lora_A, b, scaling))
         return torch.cat(parts)

@@ -77,7 +77,8 @@ def _check_target_modules(target_modules) -> Union[str, tuple]:
             try:
                 re.compile(target_modules)
             except re.error as exc:
-                raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {exc}") from None
+                raise ValueError(f"target_modules={target_modules!r} is not a valid "
+                                 f"regular expression: {exc}") from None
         return target_modules
     if isinstance(target_modules, (bytes, nn.Module)) or not isinstance(target_modules, Iterable):
         raise TypeError("target_modules must be a regex string or a list of module-name suffixes, "
@@ -336,7 +337,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     dropouts = collections.Counter(m.lora_dropout for m in layers.values())
     if len(dropouts) > 1:
         warnings.warn(f"save_adapter: the layers use different lora_dropout values {sorted(dropouts)}; PEFT's "
-                      f"config holds one, {dropouts.most_common(1)[0][0]} is written")
+                      f"config holds one, {dropouts.most_common(1)[0][0]} is written", stacklevel=2)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for name, m in layers.items():
         for suffix, attr in _SUFFIXES.items():
@@ -348,7 +349,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     top_level = sorted(n for n in layers if "." not in n and _pattern_key(n) in {**rank_pattern, **alpha_pattern})
     if top_level:
         warnings.warn(f"save_adapter: PEFT < 0.15 cannot match rank_pattern / alpha_pattern keys of top-level modules "
-                      f"({', '.join(top_level)}): load this adapter with PEFT >= 0.15")
+                      f"({', '.join(top_level)}): load this adapter with PEFT >= 0.15", stacklevel=2)
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = peft.LoraConfig(
@@ -432,7 +433,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
             raise ValueError(f"{name} is a {type(module).__name__}; load_adapter needs a FusedDoraLinear, an nn.Linear "
                              "or a bitsandbytes Linear4bit")
         elif _read_directly(model, real_names[name]) is not None:
-            raise ValueError(f"{_read_directly(model, real_names[name])}, so an adapter there would be silently ignored")
+            raise ValueError(f"{_read_directly(model, real_names[name])}, "
+                             "so an adapter there would be silently ignored")
         out_f, in_f = module.out_features, module.in_features
         expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "magnitude": (out_f,)}
         for attr, shape in expected.items():

@@ -195,7 +195,7 @@ def timed_route(case: RouteCase, candidates: Dict[str, Callable[[], object]]) ->
                 return None
             try:
                 return call()
-            except Exception as err:  # out of memory, a cuBLAS or compile error: not this route
+            except Exception as err:  # noqa: BLE001 - out of memory, a cuBLAS or compile error: not this route
                 failed[name] = err
                 return None
         return run

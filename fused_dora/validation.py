@@ -92,7 +92,8 @@ def check_adapter_hparams(r: int, lora_alpha: float, lora_dropout: float, use_rs
 def check_dtype(name, t, backend) -> None:
     allowed = KERNEL_DTYPES if backend == "triton" else REFERENCE_DTYPES  # "auto" sends float64 to the reference
     if t.dtype not in allowed:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in allowed)} (backend={backend!r})")
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d) for d in allowed)} "
+                        f"(backend={backend!r})")
 
 
 def check_adapted_weight(weight, lora_A, lora_B, device, dtype, backend) -> int:
@@ -150,7 +151,8 @@ def check_inputs(x, weight, bias, lora_A, lora_B, magnitude, scaling, dropout_p=
             raise TypeError(f"bias has dtype {bias.dtype}; it must be float32 or x's dtype ({x.dtype})")
     if norm is not None:
         check_tensor("norm", norm, 1, dev, (N,))
-    if backend == "triton" and any(t.dtype == torch.float64 for t in (magnitude,) + ((bias,) if bias is not None else ())):
+    if backend == "triton" and any(t.dtype == torch.float64
+                                   for t in (magnitude,) + ((bias,) if bias is not None else ())):
         raise TypeError("backend='triton' does not take float64 tensors; use backend='reference'")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")

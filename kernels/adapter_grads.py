@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, lora_precision, narrow_row_stride, split_count
-from .epilogue import magnitude_grad_rescale, magnitude_scale
+from ._launch import block_r, lora_precision, narrow_row_stride
 from .dropout import dropout_keep
+from .epilogue import magnitude_grad_rescale, magnitude_scale
+from .tuning import autotune, split_count
 
 _COLPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
@@ -88,7 +89,8 @@ def _magnitude_and_B_grad_kernel(
         if mag_here:
             tl.store(dmag_ptr + split * N + outs, dmag, mask=out_ok)
     if COMPUTE_B:
-        tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db, mask=out_ok[:, None] & rank_ok[None, :])
+        tl.store(db_ptr + split * N * R + outs[:, None] * R + ranks[None, :], db,
+                 mask=out_ok[:, None] & rank_ok[None, :])
 
 
 def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool, splits: Optional[int] = None,

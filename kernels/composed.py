@@ -21,9 +21,10 @@ import triton
 import triton.language as tl
 
 from ._gemm import rank_steps
-from ._launch import autotune, dot_precision, gemm_block_r, m_bucket
+from ._launch import dot_precision, gemm_block_r
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
+from .tuning import autotune, m_bucket
 
 # Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages. 8 warps
 # for 8K-element tiles and none larger (benchmarks/compile_report.py): with 4 warps, 64 x 128

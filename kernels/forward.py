@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
-from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
+from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
+from .tuning import autotune, m_bucket
 
 _DOWN_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)

@@ -13,9 +13,10 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile, rank_steps
-from ._launch import autotune, block_r, dot_precision, gemm_block_r, lora_precision, m_bucket, narrow_row_stride
+from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride
 from .dropout import dropout_keep
 from .epilogue import magnitude_scale
+from .tuning import autotune, m_bucket
 
 _ROWPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

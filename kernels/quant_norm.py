@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import autotune, block_r, dot_precision, split_count
+from ._launch import block_r, dot_precision
 from .norm import finish_row_norm
+from .tuning import autotune, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

@@ -1,7 +1,7 @@
 """Shared test helpers: random DoRA inputs and float64 truth."""
 import torch
 
-from fused_dora import reference
+from fused_dora import FusedDoraLinear, reference
 
 # relative error bounds by activation dtype, vs the float64 reference (README, 'Testing without a GPU')
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -44,7 +44,8 @@ def run(fn, inputs, grad_out_seed=1, grad_out_dtype=None, **kwargs):
     The output gradient is random, rounded to grad_out_dtype (default: y's dtype), so a float64
     reference run can see the very values a 16-bit run saw.
     """
-    leaves = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if v is not None else None) for k, v in inputs.items()}
+    leaves = {k: (v.detach().clone().requires_grad_(k in TRAINABLE) if v is not None else None)
+              for k, v in inputs.items()}
     y = fn(**leaves, **kwargs)
     g = torch.Generator().manual_seed(grad_out_seed)
     dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(grad_out_dtype or y.dtype)
@@ -114,6 +115,31 @@ def trainer_args(config_cls, output_dir, **overrides):
 
 def logged_losses(trainer):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+
+def randomize_layer(layer, seed=0):
+    """A random lora_B and a magnitude off the row norms for one FusedDoraLinear (randomize_adapters: a model's)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g).to(layer.magnitude))
+
+
+def trained_layer(seed, **kwargs):
+    """A 24 -> 16 FusedDoraLinear (r = 3) in eval mode, lora_B random and the magnitude off the row norms."""
+    torch.manual_seed(seed)
+    layer = FusedDoraLinear(24, 16, r=3, lora_alpha=6, device=DEVICE, **kwargs).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)
+        layer.magnitude.mul_(1.2)
+    return layer
+
+
+def layer_reference(layer, x):
+    """The layer's output for x by the float64 reference, from its current parameters."""
+    with torch.no_grad():
+        return reference.dora_linear(x.double(), layer.weight.double(), layer.bias.double(), layer.lora_A.double(),
+                                     layer.lora_B.double(), layer.magnitude.double(), layer.scaling)
 
 
 def pow2_floor(v: torch.Tensor) -> torch.Tensor:

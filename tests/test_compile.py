@@ -1,12 +1,14 @@
 """torch.compile: the op is registered through torch.library, so models compile with
 fullgraph=True (no graph breaks), and opcheck validates the registrations."""
+import warnings
+
 import pytest
 import torch
 import torch._dynamo.testing
 
 import fused_dora
 from fused_dora import FusedDoraLinear, autograd
-from helpers import DEVICE, make_inputs, rel_err
+from helpers import DEVICE, make_inputs, rel_err, trained_layer
 
 
 def _op_args(store_q=True, p=0.0, trainable=("x", "lora_A", "lora_B"), route="fused"):
@@ -125,3 +127,15 @@ def test_compiled_non_finite_scaling_is_refused():
     layer.scaling = float("inf")
     with pytest.raises(Exception, match="scaling must be finite"):
         torch.compile(layer, backend="aot_eager", dynamic=True)(torch.randn(3, 24, device=DEVICE))
+
+
+def test_compile_raises_no_warnings_from_fused_dora():
+    layer = trained_layer(seed=13)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 24, device=DEVICE)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x)
+    ours = [w for w in caught if "fused_dora" in str(w.filename) or "lru_cache" in str(w.message)]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]

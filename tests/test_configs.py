@@ -5,8 +5,9 @@ tests/test_compile_report.py checks the estimates against compiled kernels."""
 import pytest
 import torch
 
-import fused_dora.kernels  # noqa: F401  (registers the kernels)
-from fused_dora.kernels._launch import TUNED_KERNELS, fitting_configs, pickable_configs
+from fused_dora.kernels.tuning import fitting_configs, pickable_configs, tuned_kernels
+
+TUNED_KERNELS = tuned_kernels()
 
 H100_BUDGET = int(232448 * 0.9)
 

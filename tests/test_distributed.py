@@ -109,7 +109,7 @@ def run_distributed(mode, tmp_path):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_matches_single_process(mode, tmp_path):
     if mode == "fsdp2":
-        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6").fully_shard
+        assert hasattr(pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6"), "fully_shard")
     grads, params = run_distributed(mode, tmp_path)
 
     model = build_model()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fused_dora
-import fused_dora.kernels as K
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels.dropout import dropout_mask
 from helpers import DEVICE, assert_close, make_inputs, reference_fp64, run
 
 
@@ -17,7 +17,7 @@ def test_backward_uses_the_forward_mask_and_scale(p, dtype):
     out, grads = run(fused_dora.dora_linear, inputs, scaling=1.5, dropout_p=p, training=True, backend="triton")
     # replay the seed the op drew, and materialise the mask the kernels generated from it
     torch.manual_seed(1234)
-    mask = K.dropout_mask(draw_dropout_seed(), M, Kdim, p, DEVICE)
+    mask = dropout_mask(draw_dropout_seed(), M, Kdim, p, DEVICE)
     assert 0 < mask.sum() < mask.numel()
     ref_out, ref_grads = reference_fp64(inputs, scaling=1.5, dropout_p=p, training=True, dropout_mask=mask)
     assert_close(out, grads, ref_out, ref_grads, dtype, f"dropout p={p}")
@@ -25,13 +25,13 @@ def test_backward_uses_the_forward_mask_and_scale(p, dtype):
 
 def test_kept_fraction_is_one_minus_p():
     for p in (0.05, 0.3, 0.7):
-        mask = K.dropout_mask(987, 300, 200, p, DEVICE)
+        mask = dropout_mask(987, 300, 200, p, DEVICE)
         assert abs(mask.float().mean().item() - (1 - p)) < 0.01, p
 
 
 def test_masks_differ_between_calls_and_seeds():
-    a = K.dropout_mask(1, 64, 64, 0.5, DEVICE)
-    b = K.dropout_mask(2, 64, 64, 0.5, DEVICE)
+    a = dropout_mask(1, 64, 64, 0.5, DEVICE)
+    b = dropout_mask(2, 64, 64, 0.5, DEVICE)
     assert 0.3 < (a != b).float().mean().item() < 0.7
     # rows are not copies of each other (the offset is the element's full index)
     assert (a[0] != a[1]).any()

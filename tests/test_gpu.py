@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import fused_dora
-import fused_dora.kernels as K
 from fused_dora import FusedDoraLinear, reference
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels.dropout import dropout_mask
+from fused_dora.kernels.norm import dora_row_norm
 from helpers import assert_close, make_inputs, reference_fp64, rel_err, run
 
 pytestmark = [
@@ -49,7 +50,7 @@ def test_gpu_dropout_mask_reuse(dtype, route):
     out, grads = run(fused_dora.dora_linear, inputs, scaling=1.0, dropout_p=p, training=True, backend="triton",
                      route=route)
     torch.manual_seed(11)
-    mask = K.dropout_mask(draw_dropout_seed(), M, Kd, p, "cuda")
+    mask = dropout_mask(draw_dropout_seed(), M, Kd, p, "cuda")
     ref_out, ref_grads = reference_fp64(inputs, scaling=1.0, dropout_p=p, training=True, dropout_mask=mask)
     assert_close(out, grads, ref_out, ref_grads, dtype, f"dropout {route}")
 
@@ -59,9 +60,9 @@ def test_gpu_first_call_with_the_autotune_search(monkeypatch, route):
     """With the search on (FUSED_DORA_AUTOTUNE=0 skips it elsewhere in this file), the first call
     of a new autotune key is right: the search runs every config on the real buffers, and the
     composed route's passes update theirs in place (restore_value)."""
-    from fused_dora.kernels import _launch
+    from fused_dora.kernels import tuning
 
-    monkeypatch.setattr(_launch, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
     inputs = make_inputs(777, 1000, 555, 24, dtype=torch.bfloat16, adapter_dtype=torch.float32, seed=5, device="cuda")
     out, grads = run(fused_dora.dora_linear, inputs, scaling=2.0, backend="triton", route=route)
     ref_out, ref_grads = reference_fp64(inputs, scaling=2.0)
@@ -74,11 +75,11 @@ def test_gpu_high_rank_norm_without_dense_temporary():
     w = torch.randn(N, Kd, device="cuda", dtype=torch.bfloat16) * Kd ** -0.5
     a = torch.randn(384, Kd, device="cuda") * Kd ** -0.5
     b = torch.randn(N, 384, device="cuda") * 0.05
-    K.dora_row_norm(w, a, b, 2.0)  # warm-up / autotune
+    dora_row_norm(w, a, b, 2.0)  # warm-up / autotune
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    norm = K.dora_row_norm(w, a, b, 2.0)
+    norm = dora_row_norm(w, a, b, 2.0)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < N * Kd  # far below a bf16 [N, K] temporary (2 * N * K bytes)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import fused_dora
-import fused_dora.kernels as K
 from fused_dora import reference
+from fused_dora.kernels import adapter_grads, forward, input_grad
+from fused_dora.kernels import norm as norm_kernels
 from helpers import DEVICE, magnitude_grad_rescale, make_inputs, rel_err, run
 
 
@@ -15,7 +16,7 @@ from helpers import DEVICE, magnitude_grad_rescale, make_inputs, rel_err, run
 def test_row_norm_matches_fp64(shape, k_splits, dtype):
     N, Kdim, r = shape
     t = make_inputs(1, Kdim, N, r, dtype=dtype, adapter_dtype=dtype, seed=N)
-    norm = K.dora_row_norm(t["weight"], t["lora_A"], t["lora_B"], 1.3, k_splits=k_splits)
+    norm = norm_kernels.dora_row_norm(t["weight"], t["lora_A"], t["lora_B"], 1.3, k_splits=k_splits)
     ref = reference.weight_norm(t["weight"].double(), t["lora_A"].double(), t["lora_B"].double(), 1.3)
     assert norm.dtype == torch.float32 and norm.shape == (N,)
     assert rel_err(norm, ref) < 1e-5  # products of fp16 values are exact in fp32
@@ -41,11 +42,11 @@ def test_adapter_grad_reductions_any_split(splits, adapter_dtype):
     if adapter_dtype == torch.float32:  # a zero row: clamped to eps (dmag ~1e13 here: fp16 would overflow)
         norm[3] = 0.0
     lora_A, lora_B = torch.empty(r, Kdim, dtype=adapter_dtype), torch.empty(N, r, dtype=adapter_dtype)
-    dmag_part, db_part = K.magnitude_and_B_grad_partials(dy, q, u, True, True, splits=splits)
-    da_part = K.lora_A_grad_partials(v, x, splits=splits)
+    dmag_part, db_part = adapter_grads.magnitude_and_B_grad_partials(dy, q, u, True, True, splits=splits)
+    da_part = adapter_grads.lora_A_grad_partials(v, x, splits=splits)
     assert dmag_part.shape == (splits, N) and db_part.shape == (splits, N, r) and da_part.shape == (splits, r, Kdim)
-    dmag, db, da = K.finish_adapter_grads(dmag_part, db_part, da_part, magnitude.to(adapter_dtype), norm, lora_A,
-                                          lora_B, s, 1e-12)
+    dmag, db, da = adapter_grads.finish_adapter_grads(dmag_part, db_part, da_part, magnitude.to(adapter_dtype), norm,
+                                                      lora_A, lora_B, s, 1e-12)
     n = norm.double().clamp_min(1e-12)
     c = magnitude.to(adapter_dtype).double() / n
     t = magnitude_grad_rescale(c.float(), n.float()).double()
@@ -87,11 +88,14 @@ def test_triton_path_really_runs(backend, monkeypatch):
     monkeypatch.setattr(reference, "dora_linear", no_reference)
     monkeypatch.setattr(reference, "weight_norm", no_reference)
     calls = []
-    names = ("row_norm_partials", "lora_down", "dora_forward", "lora_up_grad", "dora_input_grad",
-             "magnitude_and_B_grad_partials", "lora_A_grad_partials", "finish_adapter_grads")
-    for name in names:
-        fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _n=name, **kw: (calls.append(_n), _fn(*a, **kw))[1])
+    families = {"row_norm_partials": norm_kernels, "lora_down": forward, "dora_forward": forward,
+                "lora_up_grad": input_grad,
+                "dora_input_grad": input_grad, "magnitude_and_B_grad_partials": adapter_grads,
+                "lora_A_grad_partials": adapter_grads, "finish_adapter_grads": adapter_grads}
+    names = tuple(families)
+    for name, family in families.items():
+        fn = getattr(family, name)
+        monkeypatch.setattr(family, name, lambda *a, _fn=fn, _n=name, **kw: (calls.append(_n), _fn(*a, **kw))[1])
     t = make_inputs(9, 20, 12, 3, seed=5)
     run(fused_dora.dora_linear, t, scaling=1.0, dropout_p=0.2, training=True, backend=backend)
     assert sorted(calls) == sorted(names)

@@ -22,7 +22,8 @@ def test_training_step_launches(dropout, adapter_dtype):
     counts = count_launches(training=True, dropout=dropout, adapter_dtype=adapter_dtype)
     total = counts["forward"].total + counts["backward"].total
     assert counts["forward"].triton and counts["backward"].triton  # the kernels ran, not the reference
-    assert total <= TRAINING_STEP_MAX, f"forward {counts['forward'].describe()}; backward {counts['backward'].describe()}"
+    assert total <= TRAINING_STEP_MAX, (f"forward {counts['forward'].describe()}; "
+                                        f"backward {counts['backward'].describe()}")
 
 
 @pytest.mark.parametrize("norm_cached", [True, False], ids=["layer-norm-cached", "function-computes-norm"])

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import fused_dora
-from fused_dora import FusedDoraLinear, autograd
-from helpers import make_inputs
-
 from dora_bench.cases import Case
 from dora_bench.competitors import build_competitor, make_call
 from dora_bench.inputs import make_data
 from dora_bench.instruments import count_dense_temporaries, saved_bytes, storage_key
+from fused_dora import FusedDoraLinear, autograd
+from helpers import make_inputs
 
 
 def _saved(case, name):
@@ -91,7 +90,7 @@ def test_no_dense_weight_sized_temporary_at_high_rank():
             comp = build_competitor(name, data)
             call, _ = make_call(data, comp)
             exclude = comp.owned_storages()
-            counts[mode, name] = count_dense_temporaries(lambda: call(0), case.N, case.K, exclude)[0]
+            counts[mode, name] = count_dense_temporaries(lambda call=call: call(0), case.N, case.K, exclude)[0]
     assert counts["train0", "fused"] == 0 and counts["norm", "fused"] == 0
     assert counts["train0", "eager_dense"] > 0 and counts["norm", "eager_dense"] > 0
 

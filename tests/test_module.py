@@ -1,4 +1,5 @@
-"""FusedDoraLinear: construction, parity with the functional reference, norm cache, merge."""
+"""FusedDoraLinear: construction, parity with the functional reference, merge; merged layers saved,
+copied, loaded from state dicts and cast to other dtypes. (The norm cache: test_norm_cache.py.)"""
 import math
 
 import pytest
@@ -7,21 +8,7 @@ import torch.nn as nn
 
 import fused_dora
 from fused_dora import FusedDoraLinear
-from helpers import DEVICE, rel_err
-
-
-def _randomise_adapter(layer, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g).to(layer.magnitude))
-
-
-def _reference(layer, x):
-    """The layer's output by the pure-PyTorch reference, from its current parameters."""
-    with torch.no_grad():
-        return fused_dora.reference.dora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
-                                                layer.magnitude, layer.scaling)
+from helpers import DEVICE, layer_reference, randomize_layer, rel_err, trained_layer
 
 
 def test_fresh_layer_is_its_base_linear():
@@ -69,7 +56,7 @@ def test_from_linear_shares_and_freezes():
 def test_module_matches_functional_reference_train_and_eval():
     torch.manual_seed(1)
     layer = FusedDoraLinear(24, 18, r=5, lora_alpha=10, device=DEVICE)
-    _randomise_adapter(layer)
+    randomize_layer(layer)
     x = torch.randn(3, 7, 24, device=DEVICE, requires_grad=True)
     for training in (True, False):
         layer.train(training)
@@ -86,72 +73,11 @@ def test_module_matches_functional_reference_train_and_eval():
             assert rel_err(g, leaf.grad) < 1e-5
 
 
-def test_norm_cache_rules(monkeypatch):
-    """Training forwards compute the norm; other forwards reuse it while its inputs provably hold."""
-    calls = []
-    # every norm the Triton backend computes: for the cache (dora_weight_norm -> dora_row_norm), or
-    # in a training forward (the norm pass's partial sums, finished by the GEMM)
-    kernels = fused_dora.backend.load_kernels()
-    for name in ("dora_row_norm", "row_norm_partials"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, **k: (calls.append(1), _real(*a, **k))[1])
-    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
-    _randomise_adapter(layer)
-    x = torch.randn(4, 16, device=DEVICE)
-    calls.clear()
-    for _ in range(3):  # every training forward (an optimizer may act unseen between them)
-        layer(x).sum().backward()
-    assert len(calls) == 3
-    layer.eval()
-    with torch.no_grad():
-        layer(x), layer(x)
-    assert len(calls) == 4  # eval: computed once, then reused
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["lora_B"].mul_(2)
-    layer.load_state_dict(state)  # copy_ into the parameters: versions change
-    with torch.no_grad():
-        y_loaded = layer(x)
-    assert len(calls) == 5
-    assert rel_err(y_loaded, _reference(layer, x)) < 1e-5
-    with torch.no_grad():
-        layer(x)
-        layer.scaling = 3.0  # scaling is part of the key too
-        layer(x)
-    assert len(calls) == 6
-    layer.double().float()  # .to() & co. drop the cache
-    with torch.no_grad():
-        layer(x)
-    assert len(calls) == 7
-    layer.train()
-    layer(x)  # a training forward drops the eval entry ...
-    layer.eval()
-    with torch.no_grad():
-        layer(x)  # ... so the next eval forward computes afresh
-    assert len(calls) == 9
-    with torch.no_grad():
-        layer(x)
-    assert len(calls) == 9
-    torch.optim.SGD([layer.lora_B], lr=0.0, fused=True).step()  # any torch.optim step invalidates
-    with torch.no_grad():
-        layer(x)
-    assert len(calls) == 10
-
-
-def test_clear_norm_cache_after_data_writes():
-    layer = FusedDoraLinear(16, 12, r=3, device=DEVICE)
-    x = torch.randn(4, 16, device=DEVICE)
-    layer(x)
-    layer.lora_B.data.normal_()  # bypasses version counters: documented, needs clear_norm_cache()
-    layer.clear_norm_cache()
-    expect = _reference(layer, x)
-    assert rel_err(layer(x), expect) < 1e-5
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_merge_and_unmerge(dtype):
     torch.manual_seed(2)
     layer = FusedDoraLinear(32, 20, r=4, lora_alpha=8, dtype=dtype, device=DEVICE).eval()
-    _randomise_adapter(layer)
+    randomize_layer(layer)
     with torch.no_grad():
         layer.weight[3] = 0  # a zero row ...
         layer.lora_B[3] = 0
@@ -174,7 +100,7 @@ def test_merge_and_unmerge(dtype):
 
 def test_unmerge_refuses_after_adapter_change():
     layer = FusedDoraLinear(8, 6, r=2)
-    _randomise_adapter(layer)
+    randomize_layer(layer)
     layer.merge()
     with torch.no_grad():
         layer.lora_B.add_(1)
@@ -185,7 +111,7 @@ def test_unmerge_refuses_after_adapter_change():
 def test_dropout_only_in_training():
     torch.manual_seed(3)
     layer = FusedDoraLinear(32, 16, r=4, lora_dropout=0.5, device=DEVICE)
-    _randomise_adapter(layer)
+    randomize_layer(layer)
     x = torch.randn(8, 32, device=DEVICE)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
@@ -193,23 +119,12 @@ def test_dropout_only_in_training():
     assert not torch.equal(layer(x), layer(x))
 
 
-def test_layer_built_in_inference_mode_computes_norm_each_call():
-    with torch.inference_mode():
-        layer = FusedDoraLinear(16, 8, r=2, device=DEVICE)
-        x = torch.randn(3, 16, device=DEVICE)
-        y1 = layer(x)
-        layer.lora_B.add_(0.5)  # no version counter to notice this: the norm must not be cached
-        y2 = layer(x)
-        expect = _reference(layer, x)
-    assert rel_err(y2, expect) < 1e-5 and not torch.equal(y1, y2)
-
-
 def test_merged_layer_saves_and_copies_as_unmerged_function(tmp_path):
     import copy
 
     torch.manual_seed(4)
     layer = FusedDoraLinear(24, 16, r=3, device=DEVICE).eval()
-    _randomise_adapter(layer)
+    randomize_layer(layer)
     x = torch.randn(5, 24, device=DEVICE)
     with torch.no_grad():
         y = layer(x)
@@ -230,3 +145,63 @@ def test_merged_layer_saves_and_copies_as_unmerged_function(tmp_path):
         loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
         loaded.unmerge()
         assert rel_err(loaded(x), y) < 1e-5
+
+
+def test_load_state_dict_into_merged_layer():
+    source = trained_layer(seed=4)
+    layer = trained_layer(seed=4)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.3)  # a different adapter on the same base weight
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(source, x)
+    layer.merge()
+    layer.load_state_dict(source.state_dict())
+    assert layer.merged  # loaded, then merged again
+    with torch.no_grad():
+        assert rel_err(layer(x), expect) < 1e-5
+    layer.unmerge()
+    assert rel_err(layer.weight, source.weight) < 1e-6
+    with torch.no_grad():
+        assert rel_err(layer(x), expect) < 1e-5
+
+
+def test_load_state_dict_assign_leaves_the_callers_tensors_alone():
+    source = trained_layer(seed=4)
+    sd = source.state_dict()
+    before = {k: v.clone() for k, v in sd.items()}
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(source, x)
+    layers = []
+    for _ in range(2):  # a second layer loaded from the same dict sees what the first saw
+        layer = trained_layer(seed=7)
+        layer.merge()
+        layer.load_state_dict(sd, assign=True)
+        assert layer.merged and layer.weight.data_ptr() != sd["weight"].data_ptr()
+        assert not layer.weight.requires_grad
+        layers.append(layer)
+    for k, v in sd.items():
+        assert torch.equal(v, before[k]), k
+    for layer in layers:
+        with torch.no_grad():
+            assert rel_err(layer(x), expect) < 1e-5
+        layer.unmerge()
+        assert rel_err(layer.weight, source.weight) < 1e-6
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double", "to"])
+def test_merged_layer_survives_dtype_casts(cast):
+    layer = trained_layer(seed=5)
+    x = torch.randn(5, 24, device=DEVICE)
+    expect = layer_reference(layer, x)
+    base = layer.weight.detach().clone()
+    layer.merge()
+    layer = layer.to(torch.float16) if cast == "to" else getattr(layer, cast)()
+    dtype = layer.weight.dtype
+    tol = {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float64: 1e-6}[dtype]
+    assert layer.merged
+    state = layer.state_dict()  # was: "unmerge(): ... changed since merge()"
+    assert rel_err(state["weight"], base) < tol
+    with torch.no_grad():
+        assert rel_err(layer(x.to(dtype)), expect) < 2 * tol
+    layer.unmerge()
+    assert rel_err(layer.weight, base) < tol

@@ -1,4 +1,4 @@
-"""Forward and every gradient of the Triton path vs the float64 reference (the math in fused_dora.autograd's docstring)."""
+"""Forward and every gradient of the Triton path vs the float64 reference (math in fused_dora.autograd's docstring)."""
 import itertools
 
 import pytest
@@ -79,7 +79,8 @@ def test_expanded_grad_output_from_sum():
     """y.sum().backward() hands the op a zero-stride grad_output."""
     inputs = make_inputs(12, 20, 18, 4, seed=10)
     out, grads = run(_triton, inputs, scaling=1.0)
-    leaves = {k: v.clone().requires_grad_(k != "weight" and k != "bias") if v is not None else None for k, v in inputs.items()}
+    leaves = {k: v.clone().requires_grad_(k != "weight" and k != "bias") if v is not None else None
+              for k, v in inputs.items()}
     fused_dora.dora_linear(**leaves, scaling=1.0, backend="triton").sum().backward()
     leaves64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in leaves.items() if v is not None}
     fused_dora.reference.dora_linear(**leaves64, scaling=1.0).sum().backward()

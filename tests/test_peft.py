@@ -16,7 +16,10 @@ transformers = pytest.importorskip("transformers")
 # peft calls a transformers API that transformers 5.x deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 from fused_dora.integrations.peft import (  # noqa: E402
-    FusedDoraWarning, disable_fused_dora, enable_fused_dora, fused_dora_status,
+    FusedDoraWarning,
+    disable_fused_dora,
+    enable_fused_dora,
+    fused_dora_status,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,7 +40,7 @@ def kernel_calls(monkeypatch):
     calls = []
     if not KERNELS_RUN:
         return calls
-    import fused_dora.kernels as kernels
+    from fused_dora.kernels import forward as kernels
 
     original = kernels.dora_forward
 
@@ -479,3 +482,42 @@ def test_peft_before_dora_layer_modules_is_refused(monkeypatch):
     assert all(v.startswith("not switched: " + reason) for v in fused_dora_status(model).values())
     with torch.no_grad():
         assert torch.equal(model(ids), expected)
+
+
+def test_in_place_after_peft_projection():
+    torch.manual_seed(3)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(12, 12), nn.ReLU(inplace=True)),
+                                peft.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    enable_fused_dora(model)
+    x = torch.randn(5, 12, device=DEVICE)
+    model.to(DEVICE)
+    model(x).sum().backward()
+    out = model.base_model.model[0](x)
+    out += x
+    out.sum().backward()
+
+
+def test_inference_mode_validation_through_enable_fused_dora():
+    """Lightning validates under inference_mode between steps: losses equal PEFT's, and the next
+    training forward saves no inference tensor for backward."""
+    model = peft_llama(seed=1)
+    plain = copy.deepcopy(model)
+    enable_fused_dora(model)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    losses = {}
+    for key, m in (("fused", model), ("plain", plain)):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
+        losses[key] = []
+        for _ in range(2):
+            m.train()
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            m.eval()
+            with torch.inference_mode():
+                losses[key].append(m(input_ids=ids, labels=ids).loss.item())
+        m.train()
+        losses[key].append(m(input_ids=ids, labels=ids).loss.item())  # was: inference tensors saved
+    for a, b in zip(losses["fused"], losses["plain"]):
+        assert abs(a - b) <= 1e-5 * abs(b)

@@ -17,21 +17,32 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import (LLAMA_TARGETS, TOL, assert_close, fp64, logged_losses, randomize_adapters, rel_err, run,
-                     tiny_llama, trainer_args, trainer_data)
+from helpers import (
+    LLAMA_TARGETS,
+    TOL,
+    assert_close,
+    fp64,
+    logged_losses,
+    randomize_adapters,
+    rel_err,
+    run,
+    tiny_llama,
+    trainer_args,
+    trainer_data,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
 
 import fused_dora  # noqa: E402
 from fused_dora import FusedDoraLinear, FusedDoraLinear4bit, reference  # noqa: E402
-from fused_dora.backend import load_kernels  # noqa: E402
 from fused_dora.qdora import dora_linear_4bit, dora_weight_norm_4bit  # noqa: E402
 from fused_dora.quantized import BNB_4BIT_BLOCKSIZES, describe_4bit, describe_8bit  # noqa: E402
 
 try:
     import peft
     import transformers
+
     from fused_dora.integrations.peft import enable_fused_dora, fused_dora_status
 except ImportError:  # the kernel and op tests still run
     peft = transformers = None
@@ -59,6 +70,13 @@ def params4bit(w: torch.Tensor, quant_type="nf4", nested=True, blocksize=64):
                              quant_type=quant_type).to(DEVICE)
 
 
+def quant_kernels():
+    """fused_dora.kernels.quant_norm (imports triton: only in tests that run kernels)."""
+    from fused_dora.kernels import quant_norm
+
+    return quant_norm
+
+
 def dequantized(weight) -> torch.Tensor:
     return bnbF.dequantize_4bit(weight.data, weight.quant_state)
 
@@ -76,7 +94,7 @@ def _randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
 def test_kernel_dequantization_equals_bitsandbytes(quant_type, nested, blocksize):
     """40 x 250: blocks cross rows and the last block is ragged for every blocksize; with blocksize
     32, double quantization has two nested blocks."""
-    K = load_kernels()
+    K = quant_kernels()
     for name, dtype in DTYPES.items():
         w = params4bit(_randn(40, 250, seed=blocksize, dtype=dtype), quant_type, nested, blocksize)
         p, reason = describe_4bit(w)
@@ -94,7 +112,7 @@ def test_kernel_dequantization_odd_shapes(shape):
     for quant_type in ("nf4", "fp4"):
         w = params4bit(_randn(*shape, seed=1), quant_type, nested=True, blocksize=32)
         p, _ = describe_4bit(w)
-        got = load_kernels().dequantize_4bit_tiles(p.packed, p.code, p.absmax, p.blocksize, p.shape, p.dtype,
+        got = quant_kernels().dequantize_4bit_tiles(p.packed, p.code, p.absmax, p.blocksize, p.shape, p.dtype,
                                                    nested_absmax=p.nested_absmax, nested_code=p.nested_code,
                                                    nested_offset=p.nested_offset)
         assert torch.equal(got, dequantized(w).float())
@@ -133,7 +151,7 @@ def test_norm_matches_fp64(quant_type, nested, blocksize):
 @needs_kernels
 @pytest.mark.parametrize("blocksize", [32, 256, 1024, 4096])
 def test_norm_other_blocksizes_and_k_splits(blocksize):
-    K = load_kernels()
+    K = quant_kernels()
     w, lora_A, lora_B, truth = _norm_case(33, 200, 6, "nf4", True, blocksize, torch.float16, torch.float32, seed=3)
     p, _ = describe_4bit(w)
     for splits in (None, 1, 3):

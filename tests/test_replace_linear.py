@@ -1,4 +1,5 @@
 """fused_dora.replace: replace_linear targeting, and adapters saved / loaded in PEFT's format."""
+import copy
 import json
 
 import pytest
@@ -101,6 +102,19 @@ def test_linear_subclasses_are_not_replaced():
     mha = nn.MultiheadAttention(8, 2)  # out_proj is a Linear subclass whose weight MHA reads directly
     with pytest.raises(ValueError, match="NonDynamicallyQuantizableLinear"):
         replace_linear(mha, ["out_proj"], r=2, lora_alpha=2)
+
+
+def test_transformer_encoder_layer_feed_forward_is_guarded():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    with pytest.raises(ValueError, match="fast path reads linear1.weight directly"):
+        replace_linear(layer, ["linear1"], r=2, lora_alpha=4)
+    # out_proj is no plain nn.Linear; linear1 and linear2 are read directly: nothing is left, and the
+    # error says why rather than only "matched nothing"
+    with pytest.raises(ValueError, match="matched no torch.nn.Linear.*left out.*fast path reads linear1.weight"):
+        replace_linear(layer, "all-linear", r=2, lora_alpha=4)
+    model = nn.Sequential(copy.deepcopy(layer), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match="2 nn.Linear modules are not replaced.*0.linear1.*0.linear2"):
+        assert replace_linear(model, "all-linear", r=2, lora_alpha=4) == 1  # only the head
 
 
 # ---- PEFT's adapter format ----------------------------------------------------------------------

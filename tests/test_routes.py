@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fused_dora
-import fused_dora.kernels as K
 from fused_dora import FusedDoraLinear, routes
 from fused_dora.drivers import draw_dropout_seed
+from fused_dora.kernels import composed, forward, input_grad
+from fused_dora.kernels.dropout import dropout_mask
 from helpers import DEVICE, TOL, assert_close, magnitude_grad_rescale, make_inputs, reference_fp64, rel_err, run
 
 SHAPES = [(1, 45, 53, 1), (37, 45, 53, 3), (50, 70, 33, 21), (29, 40, 70, 64)]  # ragged; r over one rank chunk
@@ -50,7 +51,7 @@ def test_composed_dropout_uses_the_forward_mask(p, dtype):
     torch.manual_seed(1234)
     out, grads = run(_composed, inputs, scaling=1.5, dropout_p=p, training=True)
     torch.manual_seed(1234)  # replay the seed the op drew
-    mask = K.dropout_mask(draw_dropout_seed(), M, Kdim, p, DEVICE)
+    mask = dropout_mask(draw_dropout_seed(), M, Kdim, p, DEVICE)
     assert 0 < mask.sum() < mask.numel()
     ref_out, ref_grads = reference_fp64(inputs, scaling=1.5, dropout_p=p, training=True, dropout_mask=mask)
     assert_close(out, grads, ref_out, ref_grads, dtype, f"composed dropout p={p}")
@@ -94,22 +95,22 @@ def test_launchers_of_the_composed_passes_vs_fp64():
     dy, norm = torch.randn(M, N), torch.rand(N) + 0.5
     scale = t["magnitude"] / norm
     e = torch.empty(M, N)
-    v = K.lora_up_grad(dy, t["magnitude"], norm, t["lora_B"], 1e-12, e_out=e)
+    v = input_grad.lora_up_grad(dy, t["magnitude"], norm, t["lora_B"], 1e-12, e_out=e)
     torch.testing.assert_close(e, dy * scale)
     assert rel_err(v, (dy.double() * scale.double()) @ t["lora_B"].double()) < 1e-5
 
     su = torch.randn(M, r)
     y = (t["x"] @ t["weight"].T).contiguous()
     ypre = t["x"].double() @ t["weight"].double().T + su.double() @ t["lora_B"].double().T
-    q = K.dora_compose_epilogue(y, su, t["lora_B"], t["magnitude"], norm, t["bias"], 1e-12, store_q=True)
+    q = composed.dora_compose_epilogue(y, su, t["lora_B"], t["magnitude"], norm, t["bias"], 1e-12, store_q=True)
     c = t["magnitude"].double() / norm.double()
     assert rel_err(y, c * ypre + t["bias"].double()) < 1e-5
     assert rel_err(q, ypre * magnitude_grad_rescale(c.float(), norm).double()) < 1e-5
 
     base = torch.randn(M, Kdim)
     dx = base.clone()
-    K.add_lora_input_grad(dx, v, t["lora_A"], s, p, seed=77)
-    mask = K.dropout_mask(77, M, Kdim, p, DEVICE).double()
+    composed.add_lora_input_grad(dx, v, t["lora_A"], s, p, seed=77)
+    mask = dropout_mask(77, M, Kdim, p, DEVICE).double()
     want = base.double() + s * mask * (v.double() @ t["lora_A"].double()) / (1 - p)
     assert rel_err(dx, want) < 1e-5
 
@@ -128,14 +129,16 @@ def test_bad_routes_are_refused_by_name(monkeypatch):
 
 def _count_launches(monkeypatch):
     """Counts of the launches that tell the routes apart."""
-    calls = {"dora_forward": 0, "dora_compose_epilogue": 0, "dora_input_grad": 0, "add_lora_input_grad": 0}
-    for name in calls:
-        real = getattr(K, name)
+    families = {"dora_forward": forward, "dora_compose_epilogue": composed, "dora_input_grad": input_grad,
+                "add_lora_input_grad": composed}
+    calls = dict.fromkeys(families, 0)
+    for name, family in families.items():
+        real = getattr(family, name)
 
         def counted(*a, _real=real, _name=name, **kw):
             calls[_name] += 1
             return _real(*a, **kw)
-        monkeypatch.setattr(K, name, counted)
+        monkeypatch.setattr(family, name, counted)
     return calls
 
 
@@ -227,7 +230,7 @@ def test_auto_skips_a_failing_composed_route_and_warns(monkeypatch, caplog):
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("out of memory (simulated)")
-    monkeypatch.setattr(K, "dora_compose_epilogue", out_of_memory)
+    monkeypatch.setattr(composed, "dora_compose_epilogue", out_of_memory)
     inputs = make_inputs(9, 8, 7, 2, seed=3)
     with caplog.at_level(logging.WARNING, logger="fused_dora"):
         out, grads = run(fused_dora.dora_linear, inputs, scaling=1.2, backend="triton", route="auto")
@@ -397,7 +400,8 @@ def test_in_place_passes_survive_an_autotune_search(name):
     config on the real buffers several times: with the kernel's declared restore_value the first
     call's result is still right (without it, the update was applied once per benchmark run)."""
     import triton
-    from fused_dora.kernels._launch import TUNED_KERNELS
+
+    from fused_dora.kernels.tuning import TUNED_KERNELS
 
     tuned_kernel = TUNED_KERNELS[name]
     assert tuned_kernel.restore_value == ("out_ptr",)

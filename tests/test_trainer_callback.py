@@ -6,13 +6,13 @@ import logging
 import pytest
 import torch
 
-from helpers import LLAMA_TARGETS, logged_losses, rel_err, tiny_llama, trainer_args, trainer_data
+from helpers import LLAMA_TARGETS, logged_losses, randomize_adapters, rel_err, tiny_llama, trainer_args, trainer_data
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
               pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")]
-from fused_dora.integrations.peft import fused_dora_status  # noqa: E402
+from fused_dora.integrations.peft import enable_fused_dora, fused_dora_status  # noqa: E402
 from fused_dora.integrations.transformers import FusedDoraCallback  # noqa: E402
 
 
@@ -52,6 +52,30 @@ def test_trainer_with_callback_matches_peft(tmp_path, caplog):
     reports = [r for r in caplog.records if r.name == "fused_dora.integrations.transformers"]
     assert len(reports) == 1 and "14 PEFT DoRA layers served by fused_dora (fused: 14)" in reports[0].message
     _compare(plain, fused)
+
+
+def _trainer_losses(tmp_path, fused: bool):
+    """5 steps of transformers' Trainer with adamw_torch_fused on a tiny random Llama + PEFT DoRA."""
+    model = peft.get_peft_model(tiny_llama(seed=0), peft.LoraConfig(use_dora=True, r=4, lora_alpha=8,
+                                                                    target_modules=LLAMA_TARGETS))
+    randomize_adapters(model)
+    if fused:
+        assert enable_fused_dora(model) == 2 * len(LLAMA_TARGETS)
+    data = [{"input_ids": ids, "labels": ids} for ids in trainer_data()]
+    args = trainer_args(transformers.TrainingArguments, tmp_path / ("fused" if fused else "plain"))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert args.optim == "adamw_torch_fused" and optimizer.defaults["fused"] is True
+    losses = logged_losses(trainer)
+    assert len(losses) == 5
+    return losses, model
+
+
+def test_trainer_default_optimizer_matches_peft(tmp_path):
+    """enable_fused_dora before the Trainer (no callback), with adamw_torch_fused, transformers' default
+    optim in recent releases, whose steps bump no version counters: losses and adapters equal PEFT's."""
+    _compare(_trainer_losses(tmp_path, fused=False), _trainer_losses(tmp_path, fused=True))
 
 
 def _tokenizer():

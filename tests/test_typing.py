@@ -1,7 +1,6 @@
 """Typing: py.typed ships, every public signature is annotated, and mypy --strict on a user script
 finds nothing to complain about in our signatures (and does see them: a misuse is caught)."""
 import inspect
-import os
 import pathlib
 
 import pytest
@@ -53,6 +52,7 @@ def test_mypy_strict_on_a_user_script(monkeypatch):
     monkeypatch.setenv("MYPYPATH", str(ROOT))  # an editable install's import hook is invisible to mypy
     scripts = ROOT / "tests" / "typing"
     out, err, status = api.run(["--strict", "--follow-imports=silent", "--cache-dir", str(ROOT / ".mypy_cache"),
-                                "--no-error-summary", str(scripts / "user_script.py"), str(scripts / "wrong_script.py")])
+                                "--no-error-summary", str(scripts / "user_script.py"),
+                                str(scripts / "wrong_script.py")])
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and "wrong_script.py:6: error: Incompatible types" in lines[0], out + err

@@ -20,7 +20,9 @@ def _args(**overrides):
         (dict(x=torch.randn(6, 11)), ValueError, "x has last dimension 11"),
         (dict(x=torch.randn(6, 10).to(torch.int32)), TypeError, "x has dtype"),
         (dict(x=[[1.0] * 10]), TypeError, "x must be a torch.Tensor"),
+        (dict(x=torch.randn(6, 10).to_sparse()), TypeError, "x must be a dense"),
         (dict(weight=torch.randn(8, 10, 1)), ValueError, "weight must be 2-D"),
+        (dict(weight=torch.randn(8, 10).to_sparse()), TypeError, "weight must be a dense"),
         (dict(weight=torch.randn(8, 10, dtype=torch.float16)), TypeError, "weight has dtype"),
         (dict(lora_A=torch.randn(0, 10)), ValueError, "lora_A must have rank r >= 1"),
         (dict(lora_A=torch.randn(2, 9)), ValueError, "lora_A must have shape"),
@@ -46,6 +48,15 @@ def _args(**overrides):
 def test_bad_arguments_are_named(overrides, exc, match):
     with pytest.raises(exc, match=match):
         fused_dora.dora_linear(**_args(**overrides))
+
+
+def test_integration_functions_check_model_type():
+    pytest.importorskip("peft")
+    from fused_dora.integrations.peft import disable_fused_dora, enable_fused_dora, fused_dora_status
+
+    for fn, arg in ((disable_fused_dora, None), (fused_dora_status, "model"), (enable_fused_dora, 3)):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+            fn(arg)
 
 
 def test_triton_backend_refuses_float64():

@@ -41,14 +41,18 @@ def parse_args(argv=None):
     ap.add_argument("--grid", action="store_true",
                     help="run the full cross product of --cases/--tokens/--ranks/--dtypes/--modes instead of a preset")
     ap.add_argument("--cases", type=_csv(str), help=f"shape keys, comma separated: {','.join(SHAPES)}")
-    ap.add_argument("--tokens", type=_csv(int), help=f"token counts M (default for --grid: {','.join(map(str, TOKENS))})")
-    ap.add_argument("--ranks", type=_csv(int), help=f"ranks r (default for --grid: {','.join(map(str, RANKS))}; hr keeps 384)")
+    ap.add_argument("--tokens", type=_csv(int),
+                    help=f"token counts M (default for --grid: {','.join(map(str, TOKENS))})")
+    ap.add_argument("--ranks", type=_csv(int),
+                    help=f"ranks r (default for --grid: {','.join(map(str, RANKS))}; hr keeps 384)")
     ap.add_argument("--dtypes", type=_csv(str), help=f"dtype pairs: {','.join(DTYPES)} (activation+adapters)")
     ap.add_argument("--modes", type=_csv(str), help=f"modes: {','.join(MODES)}")
     ap.add_argument("--competitors", type=_csv(str),
-                    help="competitors to run (floor always runs): " + ",".join(k for k in COMPETITORS if k != "linear_fwd"))
+                    help="competitors to run (floor always runs): "
+                         + ",".join(k for k in COMPETITORS if k != "linear_fwd"))
     ap.add_argument("--model", action="store_true", help="add the whole-model case (in the full preset already)")
-    ap.add_argument("--paper-protocol", action="store_true", help="add the Scaling-DoRA protocol (in the full preset already)")
+    ap.add_argument("--paper-protocol", action="store_true",
+                    help="add the Scaling-DoRA protocol (in the full preset already)")
     ap.add_argument("--no-model", action="store_true", help="drop the whole-model and paper cases")
     ap.add_argument("--model-config", choices=[k for k in MODEL_CONFIGS if k != "tiny"], default="llama-1b")
     ap.add_argument("--model-r", type=int, default=16)
@@ -68,7 +72,8 @@ def parse_args(argv=None):
     ap.add_argument("--autotune-rep-ms", type=float, default=25.0,
                     help="Triton autotune timing per config (ms; 0 = Triton's default 100 ms): keeps the run short")
     ap.add_argument("--smoke", action="store_true", help="tiny-shape smoke run (automatic without a GPU)")
-    ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; smoke: a temp dir)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default benchmarks/results; smoke: a temp dir)")
     ap.add_argument("--no-save", action="store_true", help="print only; write no files")
     ap.add_argument("--list", action="store_true", help="print the plan and exit")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing competitors")
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
         log(f"{len(cases)} layer cases, {len(specs)} whole-model cases; competitors: {sorted(args.competitor_set)}")
         return 0
 
-    log(f"fused_dora bench: {'SMOKE (CPU, Triton interpreter)' if smoke and not has_cuda else ('smoke' if smoke else args.preset)}"
+    log(f"fused_dora bench: "
+        f"{'SMOKE (CPU, Triton interpreter)' if smoke and not has_cuda else ('smoke' if smoke else args.preset)}"
         f" on {device_info(dev)['device']}")
     if smoke and not has_cuda:
         log("No CUDA device: running the smoke mode. Timings need a GPU; the figures below only show that "
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
     timer = Timer(dev, target_ms=args.target_ms or (50.0 if args.preset == "quick" else 80.0),
                   min_reps=args.min_reps, flush=not args.no_flush)
     bw = measure_bandwidth(dev)
-    log(f"measured memory bandwidth: {bw / 1e9:.0f} GB/s" + (" (host memory; meaningless)" if dev.type != "cuda" else ""))
+    log(f"measured memory bandwidth: {bw / 1e9:.0f} GB/s"
+        + (" (host memory; meaningless)" if dev.type != "cuda" else ""))
 
     parity_ok = True
     if smoke:
@@ -135,7 +142,8 @@ def main(argv=None) -> int:
         log("")
         log(md[md.index("## Targets"):md.index("## Every competitor")].rstrip())
     if skipped:
-        log(f"\n{len(skipped)} case(s) not run: " + ", ".join(k for k, _ in skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
+        log(f"\n{len(skipped)} case(s) not run: " + ", ".join(k for k, _ in skipped[:8])
+            + (" ..." if len(skipped) > 8 else ""))
 
     if not args.no_save:
         out = args.out or (Path(tempfile.mkdtemp(prefix="fused_dora_smoke_")) if smoke else RESULTS_DIR)

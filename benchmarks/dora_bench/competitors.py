@@ -144,7 +144,7 @@ def build_peft_layer(data: CaseData, use_dora: bool, W: Optional[nn.Parameter] =
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise Unavailable(f"peft not installed ({exc})")
+        raise Unavailable(f"peft not installed ({exc})") from None
     c = data.case
     W = W if W is not None else _weight_for(data)
     cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.p, target_modules=["proj"], use_dora=use_dora,
@@ -179,7 +179,7 @@ def _peft(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
         try:
             from peft.helpers import DoraCaching
         except ImportError:
-            raise Unavailable("this PEFT has no peft.helpers.DoraCaching")
+            raise Unavailable("this PEFT has no peft.helpers.DoraCaching") from None
         context = DoraCaching
     if data.case.mode == "merged":
         with warnings.catch_warnings():
@@ -304,7 +304,8 @@ def _compiled(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
-        _COMPILED["fn"] = torch.compile(_make_reference_fn(), backend=os.environ.get("BENCH_COMPILE_BACKEND", "inductor"))
+        _COMPILED["fn"] = torch.compile(_make_reference_fn(),
+                                        backend=os.environ.get("BENCH_COMPILE_BACKEND", "inductor"))
     fn = _COMPILED["fn"]
     W = _weight_for(data)
     A, B, mag = (nn.Parameter(t.to(data.ad).clone()) for t in (data.A, data.B, data.mag))

@@ -219,7 +219,7 @@ def set_autotune_timing(rep_ms: float) -> bool:
     try:
         import triton.testing
 
-        from fused_dora.kernels._launch import set_autotune_do_bench
+        from fused_dora.kernels.tuning import set_autotune_do_bench
     except Exception:
         return False
     if rep_ms <= 0:

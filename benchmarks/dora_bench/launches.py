@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,10 +70,10 @@ def _triton_recorded(current: list):
     """Each autotuned kernel's launch is counted in ``current[0]`` (a LaunchCounts) instead of run;
     meta tensors pass the backend's checks as CUDA tensors would."""
     from fused_dora import backend
+    from fused_dora.kernels import tuning
 
-    kernels = backend.load_kernels()
-    tuned_kernels = kernels._launch.TUNED_KERNELS
-    real_unavailable, real_num_sms = backend._unavailable, kernels._launch.num_sms
+    tuned_kernels = tuning.tuned_kernels()
+    real_unavailable, real_num_sms = backend._unavailable, tuning.num_sms
 
     def meta_is_a_gpu(device, dtype, weight):
         return None if device.type == "meta" else real_unavailable(device, dtype, weight)
@@ -84,14 +84,14 @@ def _triton_recorded(current: list):
         return run
 
     backend._unavailable = meta_is_a_gpu
-    kernels._launch.num_sms = lambda device: H100_SMS  # grids and reduction splits sized for a GPU
+    tuning.num_sms = lambda device: H100_SMS  # grids and reduction splits sized for a GPU
     for name, tuned in tuned_kernels.items():
         tuned.kernel.run = record(name)
     try:
         yield
     finally:
         backend._unavailable = real_unavailable
-        kernels._launch.num_sms = real_num_sms
+        tuning.num_sms = real_num_sms
         for tuned in tuned_kernels.values():
             del tuned.kernel.run
 

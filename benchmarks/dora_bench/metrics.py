@@ -39,7 +39,8 @@ def layer_metrics(case: Case, results: dict, bw: float) -> dict:
             if results["fused"].get("dense_tmp") is not None:
                 m["dense_tmp"] = results["fused"]["dense_tmp"]
         else:
-            missing.update(bw_frac=f"fused {status_f}", norm_frac_fwd=f"fused {status_f}", dense_tmp=f"fused {status_f}")
+            missing.update(bw_frac=f"fused {status_f}", norm_frac_fwd=f"fused {status_f}",
+                           dense_tmp=f"fused {status_f}")
         m["_missing"] = missing
         return m
     if f and fl:
@@ -96,7 +97,8 @@ def model_metrics(results: dict) -> dict:
         m["peak_vs_peft_dora"] = fr["peak_gib"] / dr["peak_gib"]
     for key in ("x_peft_dora", "ratio_peft_lora"):
         if key not in m:
-            st = [f"{n}: {results.get(n, {}).get('status', 'not run')}" for n in ("fused_peft", "fused_replace", "peft_dora", "peft_lora")
+            st = [f"{n}: {results.get(n, {}).get('status', 'not run')}"
+                  for n in ("fused_peft", "fused_replace", "peft_dora", "peft_lora")
                   if results.get(n, {}).get("status") != "ok"]
             m["_missing"][key] = "; ".join(st) or "n/a"
     return m

@@ -39,7 +39,7 @@ def build_llama(spec: ModelSpec, dev: torch.device, dtype: torch.dtype):
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as exc:
-        raise Unavailable(f"transformers not installed ({exc})")
+        raise Unavailable(f"transformers not installed ({exc})") from None
     cfg = LlamaConfig(**MODEL_CONFIGS[spec.config], attention_dropout=0.0, use_cache=False)
     try:
         cfg._attn_implementation = "sdpa"
@@ -74,7 +74,7 @@ def _peft_model(name: str, model, spec: ModelSpec, dev: torch.device, integ: dic
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise Unavailable(f"peft not installed ({exc})")
+        raise Unavailable(f"peft not installed ({exc})") from None
     if name == "fused_peft" and "enable_fused_dora" not in integ:
         raise Unavailable("fused_dora.integrations.peft.enable_fused_dora not available "
                           f"({integ.get('enable_fused_dora_error', '?')})")

@@ -74,7 +74,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
     if layer:
         L.append("## Per layer: fused_dora (Triton) against the others")
         L.append("")
-        L.append("Ratios are times. `fused/floor`: GPU time (CUDA events, L2 flushed) over F.linear's; `wall fused/floor`: "
+        L.append("Ratios are times. `fused/floor`: GPU time (CUDA events, L2 flushed) over F.linear's; "
+                 "`wall fused/floor`: "
                  "the same from back-to-back calls on the host clock (higher than `fused/floor` where the path is "
                  "launch-bound). `composed/floor`, `auto/floor`: the same ratio for fused_dora's other routes, "
                  "`route=\"composed\"` (cuBLAS for the two big GEMMs, light Triton passes around them) and "
@@ -96,11 +97,13 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
             fr = res.get("fused", {})
             fused_ms = _fused_ms_cell(fr)
             L.append(_md_row([
-                row["key"], fused_ms, cell(ms_of(res, "floor")), _x(m.get("ratio_floor")), _x(m.get("wall_ratio_floor")),
-                _x(m.get("ratio_floor_composed")), _x(m.get("ratio_floor_auto")), auto_cell(res),
-                _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), _x(m.get("x_eager")), cell(m.get("tflops"), "{:.0f}"),
+                row["key"], fused_ms, cell(ms_of(res, "floor")), _x(m.get("ratio_floor")),
+                _x(m.get("wall_ratio_floor")), _x(m.get("ratio_floor_composed")), _x(m.get("ratio_floor_auto")),
+                auto_cell(res), _x(m.get("x_peft_dora")), _x(m.get("x_peft_lora")), _x(m.get("x_eager")),
+                cell(m.get("tflops"), "{:.0f}"),
                 f"{cell(fr.get('peak_mib'), '{:.0f}')} / {cell(res.get('peft_dora', {}).get('peak_mib'), '{:.0f}')}",
-                f"{cell(fr.get('saved_mib'), '{:.3g}')} / {cell(res.get('peft_lora', {}).get('saved_mib'), '{:.3g}')} / "
+                f"{cell(fr.get('saved_mib'), '{:.3g}')} / "
+                f"{cell(res.get('peft_lora', {}).get('saved_mib'), '{:.3g}')} / "
                 f"{cell(res.get('peft_dora', {}).get('saved_mib'), '{:.3g}')}",
                 cell(fr.get("err"), "{:.1e}"), _verdicts(row, smoke)]))
         L.append("")
@@ -124,14 +127,16 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
     if models:
         L.append("## Whole model")
         L.append("")
-        L += _header("case", "competitor", "step ms", "tokens/s", "peak GiB", "xPEFT DoRA", "time / PEFT LoRA", "status")
+        L += _header("case", "competitor", "step ms", "tokens/s", "peak GiB", "xPEFT DoRA",
+                     "time / PEFT LoRA", "status")
         for row in models:
             res = row["results"]
             pd, pl = ms_of(res, "peft_dora"), ms_of(res, "peft_lora")
             for name, r in res.items():
                 t = r.get("ms")
                 L.append(_md_row([
-                    row["key"], name, cell(t, "{:.1f}"), cell(r.get("tokens_per_s"), "{:.0f}"), cell(r.get("peak_gib"), "{:.2f}"),
+                    row["key"], name, cell(t, "{:.1f}"), cell(r.get("tokens_per_s"), "{:.0f}"),
+                    cell(r.get("peak_gib"), "{:.2f}"),
                     _x(pd / t if (pd and t) else None), _x(t / pl if (pl and t) else None), r.get("status", "")]))
             L.append(f"| {row['key']} | **targets** | | | | | | {_verdicts(row, smoke)} |")
         L.append("")
@@ -167,8 +172,8 @@ def markdown_report(meta: dict, rows: List[dict], smoke: bool) -> str:
             tf = c.flops(name) / (t * 1e-3) / 1e12 if (t and c.mode != "norm" and name != "linear_fwd") else None
             L.append(_md_row([
                 row["key"], name, cell(t), f"{cell(r.get('p20'))}-{cell(r.get('p80'))}" if "p20" in r else "-",
-                cell(r.get("reps"), "{}"), cell(r.get("wall_ms")), _x(t / fl if (t and fl) else None), cell(tf, "{:.0f}"),
-                cell(r.get("peak_mib"), "{:.0f}"), cell(r.get("saved_mib"), "{:.4g}"),
+                cell(r.get("reps"), "{}"), cell(r.get("wall_ms")), _x(t / fl if (t and fl) else None),
+                cell(tf, "{:.0f}"), cell(r.get("peak_mib"), "{:.0f}"), cell(r.get("saved_mib"), "{:.4g}"),
                 cell(r.get("dense_tmp"), "{}") + (f" ({r['dense_tmp_mib']:.0f} MiB)" if r.get("dense_tmp") else ""),
                 cell(r.get("err"), "{:.1e}"), r.get("status", "")]))
     skipped = meta.get("skipped_cases") or []

@@ -79,7 +79,7 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
             results[name] = {"status": "derived", "ms": data.W.numel() * data.W.element_size() / bw * 1e3,
                              "note": "W read once at the measured bandwidth"}
             continue
-        results[name] = guarded(lambda: measure(name), dev, args.verbose)
+        results[name] = guarded(lambda name=name: measure(name), dev, args.verbose)
     data = y_ref = None  # released before the cleanup
     cleanup(dev)
     return finish_row({"case": dataclasses.asdict(case), "key": case.key, "results": results}, case, bw)
@@ -88,7 +88,8 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
 def run_model_case(spec: ModelSpec, args, dev: torch.device, log, left: Callable[[], float] = lambda: math.inf) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     integ = fused_integrations()
-    names = [n for n in MODEL_COMPETITORS if n in args.competitor_set or n.startswith("fused_") and "fused" in args.competitor_set]
+    names = [n for n in MODEL_COMPETITORS
+             if n in args.competitor_set or n.startswith("fused_") and "fused" in args.competitor_set]
     if spec.mode == "paper" and "fused_peft" in names and "enable_fused_dora" in integ:
         names = [n for n in names if n != "fused_replace"]  # one fused variant is enough for the 8B model
     warm, steps = (0, 1) if dev.type != "cuda" else (args.model_warmup, args.model_steps)
@@ -132,6 +133,6 @@ def run_model_case(spec: ModelSpec, args, dev: torch.device, log, left: Callable
             results[name] = {"status": "skipped: time budget"}
             log(f"    {spec.mode} {name}: skipped (time budget)")
             continue
-        res = results[name] = guarded(lambda: measure(name), dev, args.verbose)
+        res = results[name] = guarded(lambda name=name: measure(name), dev, args.verbose)
         log(f"    {spec.mode} {name}: " + (f"{res['ms']:.1f} ms/step" if "ms" in res else res["status"]))
     return finish_row({"case": dataclasses.asdict(spec), "key": spec.key, "results": results}, spec, 0.0)

@@ -46,7 +46,8 @@ def run_plan(cases: List[Case], specs: List[ModelSpec], args, dev: torch.device,
                 if routes and auto_cell(res) != "-":
                     routes += f" ({auto_cell(res)})"
                 log(f"{head} fused {fr['ms']:.4g} ms  x{cell(m.get('ratio_floor'), '{:.2f}')} floor{routes}  "
-                    f"{cell(m.get('x_peft_dora'), '{:.2f}')}x PEFT DoRA  {cell(m.get('x_peft_lora'), '{:.2f}')}x PEFT LoRA"
+                    f"{cell(m.get('x_peft_dora'), '{:.2f}')}x PEFT DoRA  "
+                    f"{cell(m.get('x_peft_lora'), '{:.2f}')}x PEFT LoRA"
                     f"  ({time.time() - t0:.1f}s)")
             else:
                 log(f"{head} fused {fr.get('status', 'not run')}  ({time.time() - t0:.1f}s)")
@@ -65,7 +66,8 @@ def run_plan(cases: List[Case], specs: List[ModelSpec], args, dev: torch.device,
         log("== whole-model cases")
     for spec in specs:
         if left() < _model_need_s(spec) and not smoke:
-            skipped.append((spec.key, f"time budget ({budget_min:g} min; raise --max-minutes or run --modes {spec.mode})"))
+            skipped.append((spec.key,
+                            f"time budget ({budget_min:g} min; raise --max-minutes or run --modes {spec.mode})"))
             log(f"  {spec.key}: skipped (time budget)")
             continue
         t0 = time.time()

@@ -13,7 +13,6 @@ from .competitors import Unavailable, build_peft_layer, linear_sharing, set_para
 from .inputs import CaseData
 from .instruments import rel_err
 
-
 # the routes of the Triton path checked (fused_dora.routes), with their label in the table
 PARITY_ROUTES = {"fused": "fused route (Triton GEMMs, interpreter)",
                  "composed": "composed route (torch.mm + Triton passes, interpreter)"}
@@ -50,7 +49,7 @@ def smoke_parity(dev: torch.device, log) -> bool:
                 state = torch.get_rng_state()
                 seed = draw_dropout_seed()
                 try:
-                    from fused_dora.kernels import dropout_mask
+                    from fused_dora.kernels.dropout import dropout_mask
 
                     mask = dropout_mask(seed, M, K, p, dev)
                 except Exception as exc:

@@ -20,14 +20,15 @@ import torch
 import torch.nn as nn
 
 from ..backend import FusedDoraWarning, reference_reason
-from ..routes import check_route, route_name
 from ..functional import dora_linear
 from ..norm_cache import NormCache
 from ..qdora import weight_norm_of
 from ..quantized import bnb_kind
-from .peft_bnb import bnb_forward, peft_bnb_layer_kind, structural_reason as bnb_structural_reason
-from .peft_bnb import weight_reason as bnb_weight_reason
+from ..routes import check_route, route_name
 from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
+from .peft_bnb import bnb_forward, peft_bnb_layer_kind
+from .peft_bnb import structural_reason as bnb_structural_reason
+from .peft_bnb import weight_reason as bnb_weight_reason
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
 

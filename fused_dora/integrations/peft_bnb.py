@@ -48,8 +48,8 @@ def peft_bnb_layer_kind(module) -> Optional[str]:
 
 def structural_reason(module, kind: str) -> Optional[str]:
     """None if the fused forward can be installed on this PEFT bitsandbytes DoRA layer, else why not."""
-    from peft.tuners.lora import bnb as lora_bnb
     import bitsandbytes as bnb
+    from peft.tuners.lora import bnb as lora_bnb
 
     peft_cls = lora_bnb.Linear4bit if kind == "4bit" else lora_bnb.Linear8bitLt
     base_cls = bnb.nn.Linear4bit if kind == "4bit" else bnb.nn.Linear8bitLt

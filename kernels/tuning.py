@@ -1,0 +1,221 @@
+"""Autotuning for every kernel family, and the sizes its grids are built for.
+
+    INTERPRET, AUTOTUNE           how kernels run here (Triton's interpreter; the search on or off)
+    autotune(...)                 triton.autotune with shared-memory and spill pruning (see below)
+    TUNED_KERNELS, tuned_kernels()  every autotuned kernel by name (the compile report, tests)
+    pickable_configs, spill_case, case_variant, config_name, smem_budget: the pruning's parts
+    set_autotune_do_bench(...)    how a GPU search times configs
+    num_sms, split_count, m_bucket  grid sizes and autotune keys that depend on the GPU or on M
+
+Public for tests and benchmarks (compile report, launch counter, cost model); the launch-argument
+helpers the launchers share (block sizes, precisions) are in _launch.py.
+"""
+import functools
+import importlib
+import inspect
+import os
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+
+# Triton picks interpreted or compiled kernels when `@triton.jit` runs, i.e. when these modules
+# are imported, so the mode is fixed here once.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# FUSED_DORA_AUTOTUNE=0 skips the search on a GPU (first config that fits): quicker test runs.
+AUTOTUNE = os.environ.get("FUSED_DORA_AUTOTUNE", "1") not in ("", "0")
+
+# How a GPU autotuner times each config: triton.autotune's `do_bench=` (honoured from triton 3.3;
+# older ones keep their own timing). None: Triton's default; benchmarks/dora_bench sets a shorter one.
+_autotune_do_bench = None
+_TAKES_DO_BENCH = "do_bench" in inspect.signature(triton.autotune).parameters
+
+
+def set_autotune_do_bench(do_bench=None) -> None:
+    """Time autotune configs from now on with ``do_bench(kernel_call, quantiles)``; None: Triton's default."""
+    global _autotune_do_bench
+    _autotune_do_bench = do_bench
+
+
+def _do_bench(kernel_call, quantiles):
+    bench = _autotune_do_bench or triton.runtime.driver.active.get_benchmarker()
+    return bench(kernel_call, quantiles=quantiles)
+
+
+_DO_BENCH = {"do_bench": _do_bench} if _TAKES_DO_BENCH else {}  # triton.autotune's keyword, where it takes it
+
+
+def smem_budget(max_shared_mem: int) -> int:
+    """The shared memory that pruning lets a config's estimate use: 90% of a block's maximum."""
+    return int(max_shared_mem * 0.9)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem_budget(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return smem_budget(props["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - unknown driver API: assume a Hopper-class 227 KB
+        return 200 * 1024
+
+
+# Shared memory a kernel needs beside its tiles: the mbarriers of pipelined MMAs (16 B measured on
+# sm_100), with room to spare.
+BARRIER_BYTES = 1024
+
+
+def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes, restore_value=()):
+    """``triton.autotune`` over ``gpu_configs``; one fixed config under the interpreter.
+
+    The interpreter cannot benchmark (no driver); autotune with one config never benchmarks.
+    On a GPU, configs are pruned before they are compiled (see `pickable_configs`):
+    ``smem_bytes(args)`` bounds the shared memory a config's tiles need, from the kernel's
+    arguments and the config (args: a dict of both, with num_warps and num_stages; BARRIER_BYTES
+    is added to it); and the configs measured to spill registers on this GPU's architecture for
+    this case (_spills.SPILLS, written by benchmarks/compile_report.py) are left out.
+    ``case_dtypes``: the names of the pointer
+    arguments that carry the activation and the adapter dtypes (None: no such argument), part of
+    the case key (see `spill_case`). FUSED_DORA_AUTOTUNE=0 keeps only the first config left.
+    ``restore_value``: the pointer arguments a kernel updates in place (read, then written): the
+    search runs every config on the real buffers many times, so Triton saves and restores them.
+    """
+    def prune(configs, nargs, **kwargs):
+        device = torch.cuda.current_device()
+        args = {**nargs, **kwargs}
+        return pickable_configs(configs, args, need, _device_smem_budget(device),
+                                spilling=tuned_kernel.spilling(args, _device_arch(device)), keep_all=AUTOTUNE)
+
+    def need(args) -> int:
+        return smem_bytes(args) + BARRIER_BYTES
+
+    def decorate(kernel):
+        nonlocal tuned_kernel
+        if INTERPRET:
+            # do_bench is never called with one config, but without one triton 3.3's Autotuner asks the
+            # driver for its benchmarker when decorating: "0 active drivers" on a machine without a GPU
+            # (triton 3.2 drops the argument and still asks).
+            tuned = triton.autotune(configs=[interpreter_config], key=key, **_DO_BENCH)(kernel)
+        else:
+            tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                    restore_value=list(restore_value) or None, **_DO_BENCH)(kernel)
+        tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes,
+                                                                       tuple(restore_value))
+        return tuned
+
+    tuned_kernel = None
+    return decorate
+
+
+class TunedKernel(NamedTuple):
+    """A kernel decorated by `autotune`: for the pruning, tests and benchmarks/compile_report.py."""
+    kernel: "triton.runtime.Autotuner"  # .fn is the @triton.jit function, .arg_names its arguments
+    configs: List[triton.Config]        # the GPU search space
+    smem_bytes: Callable[[dict], int]   # a config's shared bytes (an upper bound), from arguments + config
+    case_dtypes: Tuple[str, Optional[str]]  # see `autotune`
+    restore_value: Tuple[str, ...] = ()     # see `autotune`
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def spilling(self, args, arch: Optional[int]) -> frozenset:
+        """Names (`config_name`) of the configs measured to spill registers for ``args`` on ``arch``."""
+        from ._spills import SPILLS
+
+        return frozenset(SPILLS.get(self.name, {}).get(arch, {}).get(spill_case(args, self.case_dtypes), ()))
+
+
+# kernel name -> TunedKernel, for every kernel decorated by `autotune`
+TUNED_KERNELS = {}
+
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def spill_case(args, case_dtypes) -> str:
+    """The case key of _spills.SPILLS for a kernel's arguments, e.g. "bf16/fp32 R64 dropout tf32x3":
+    activation / adapter dtypes, BLOCK_R (32 counts as 64: the report measures 16 and 64), the
+    switch (`case_variant`), and PRECISION."""
+    x, adapters = (_DTYPE_NAMES.get(args[n].dtype, str(args[n].dtype)) if n else "-" for n in case_dtypes)
+    block_r = 16 if args.get("BLOCK_R", 16) <= 16 else 64
+    return f"{x}/{adapters} R{block_r} {case_variant(args)} {args.get('PRECISION', '-')}"
+
+
+def case_variant(args) -> str:
+    """The switch a case is about: dropout on / off, the forward epilogue's training (q stored) /
+    inference, or lora_up_grad's e = dy * c stored (the composed route) / not ("-")."""
+    if "HAS_DROPOUT" in args:
+        return "dropout" if args["HAS_DROPOUT"] else "no-dropout"
+    if "STORE_Q" in args:
+        return "training" if args["STORE_Q"] else "inference"
+    return "store-e" if args.get("STORE_E") else "-"
+
+
+def config_name(cfg: triton.Config) -> str:
+    """'128x256x64 w8 s3': the block sizes (in the config's order), warps and stages."""
+    blocks = "x".join(str(v) for k, v in cfg.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{blocks} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def pickable_configs(configs, args, smem_bytes, budget: int, spilling=frozenset(), keep_all: bool = True):
+    """The configs the autotuner may pick: ``smem_bytes`` says they fit in ``budget`` bytes of
+    shared memory, and their `config_name` is not in ``spilling``.
+
+    Never empty: if none is left, the fitting ones, else the one needing least shared memory.
+    ``keep_all=False``: the first only.
+    """
+    def need(cfg):
+        return smem_bytes({**args, **cfg.all_kwargs()})
+
+    fit = [c for c in configs if need(c) <= budget]
+    left = [c for c in fit if config_name(c) not in spilling] or fit or [min(configs, key=need)]
+    return left if keep_all else left[:1]
+
+
+def fitting_configs(configs, args, smem_bytes, budget: int, keep_all: bool = True):
+    """`pickable_configs` by shared memory alone."""
+    return pickable_configs(configs, args, smem_bytes, budget, keep_all=keep_all)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the token count: powers of two, so new sequence lengths do not retune."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
+def num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return 4
+    return _multi_processor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_processor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(base_programs: int, rows: int, device: torch.device, rows_per_split_min: int = 64) -> int:
+    """How many slices to split a reduction over `rows` into, so the grid fills the GPU.
+
+    Each slice writes its own fp32 partial result that the launcher sums afterwards: the
+    reduction stays deterministic (no atomics).
+    """
+    want = triton.cdiv(2 * num_sms(device), max(base_programs, 1))
+    return max(1, min(want, triton.cdiv(max(rows, 1), rows_per_split_min)))
+
+
+# The kernel families (modules of this package) whose kernels `autotune` registers.
+FAMILIES = ("norm", "dropout", "forward", "input_grad", "adapter_grads", "composed", "quant_norm")
+
+
+def tuned_kernels() -> dict:
+    """TUNED_KERNELS once every kernel family is imported (importing a family registers its kernels)."""
+    for family in FAMILIES:
+        importlib.import_module(f"{__package__}.{family}")
+    return TUNED_KERNELS
