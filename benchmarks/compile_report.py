@@ -51,6 +51,7 @@ from triton.runtime.driver import driver
 
 from fused_dora import drivers
 from fused_dora.kernels import tuning
+from fused_dora.kernels.quant_norm import dora_quant_row_norm
 from fused_dora.kernels.tuning import case_variant, config_name, pickable_configs, smem_budget, spill_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def _record(calls, name, *args, grid, warmup, **kwargs):
 def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 132):
     """[(kernel name, args, kwargs)] of every autotuned launch of one training step, on both routes.
 
-    fused_dora's own drivers of the launchers (the norm, the forward, the backward with every
+    fused_dora's own drivers of the launchers (the norm, the 4-bit norm, the forward, the backward with every
     gradient; route "fused", then route "composed", whose torch.mm works on meta tensors too) runs
     on meta tensors; each kernel's launch is recorded instead of run.
     """
@@ -139,6 +140,14 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
         tuned.kernel.run = lambda *args, _name=name, **kwargs: _record(calls, _name, *args, **kwargs)
     try:
         norm = drivers.row_norm(w, a, b, s)  # the norm pass finishing its rows itself, then (eval) cached
+        # the row norm of a 4-bit weight (QDoRA, kernels/quant_norm.py): NF4 codes, double-quantized
+        # absmax (what QLoRA uses), dequantized to the activation dtype
+        blocks = -(-N * Kd // 64)
+        dora_quant_row_norm(
+            torch.empty((N * Kd + 1) // 2, dtype=torch.uint8, device=meta), torch.empty(16, device=meta),
+            torch.empty(blocks, dtype=torch.uint8, device=meta), 64, (N, Kd), x_dtype, a, b, s,
+            nested_absmax=torch.empty(-(-blocks // 256), device=meta), nested_code=torch.empty(256, device=meta),
+            nested_offset=torch.empty(1, device=meta))
         for route in ("fused", "composed"):
             if not dropout:  # inference with the cached norm: no q stored
                 drivers.fused_forward(x, w, bias, a, b, mag, norm, s, 0.0, seed, False, route=route)

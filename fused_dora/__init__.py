@@ -2,6 +2,7 @@
 
 Public API:
     FusedDoraLinear      drop-in nn.Linear with a DoRA adapter
+    FusedDoraLinear4bit  the same over a bitsandbytes 4-bit Linear4bit (QDoRA; from_linear builds it)
     dora_linear          the functional op (Triton kernels or the PyTorch reference)
     dora_weight_norm     row norms of W + s * B @ A without a dense temporary
     reference            the pure-PyTorch statement of the math
@@ -21,6 +22,7 @@ from . import reference, routes
 from .backend import FusedDoraWarning
 from .functional import dora_linear, dora_weight_norm
 from .module import FusedDoraLinear
+from .qmodule import FusedDoraLinear4bit
 from .replace import load_adapter, replace_linear, save_adapter
 
 # The Triton kernels are the top-level kernels/ folder of the repository, shipped as
@@ -34,5 +36,5 @@ if (_checkout / "kernels" / "tuning.py").is_file() and (_checkout / "pyproject.t
     __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
-__all__ = ["FusedDoraLinear", "FusedDoraWarning", "dora_linear", "dora_weight_norm", "reference", "routes",
-           "replace_linear", "save_adapter", "load_adapter", "__version__"]
+__all__ = ["FusedDoraLinear", "FusedDoraLinear4bit", "FusedDoraWarning", "dora_linear", "dora_weight_norm",
+           "reference", "routes", "replace_linear", "save_adapter", "load_adapter", "__version__"]

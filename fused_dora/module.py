@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .functional import dora_linear
 from .norm_cache import NormCache
+from .quantized import bnb_kind
 from .reference import magnitude_scale
 from .routes import check_route, route_name
 from .validation import check_adapter_hparams, check_backend, check_positive_int
@@ -159,9 +160,18 @@ class FusedDoraLinear(nn.Module):
         backend: str = "auto",
         route: Optional[str] = None,
     ) -> "FusedDoraLinear":
-        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen. A bitsandbytes
+        4-bit ``Linear4bit`` gives a FusedDoraLinear4bit (fused_dora.qmodule)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        kind = bnb_kind(linear)
+        if kind is not None and cls is FusedDoraLinear:  # a bitsandbytes base: the subclass serving it
+            served = next((c for c in cls.__subclasses__() if getattr(c, "bnb_kind", None) == kind), None)
+            if served is None:
+                raise TypeError(f"{type(linear).__name__} (bitsandbytes {kind}) bases are not served by "
+                                "FusedDoraLinear; PEFT's layers over them are (integrations.peft.enable_fused_dora)")
+            return served.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype=adapter_dtype,
+                                      backend=backend, route=route)
         w = linear.weight
         # built on the meta device, so no throwaway weight is allocated or initialised
         layer = cls(linear.in_features, linear.out_features, r, lora_alpha, lora_dropout, linear.bias is not None,

@@ -65,21 +65,28 @@ class NormCache:
     cached one cannot be proven current. While torch.compile traces, it is computed in-graph.
     """
 
-    def __init__(self):
+    def __init__(self, norm_fn=None):
         self._entry = None  # (key, weakrefs of the keyed tensors, norm)
+        # norm_fn(weight, lora_A, lora_B, scaling, backend) -> norm; None: dora_weight_norm. A
+        # quantized weight's norm comes from fused_dora.qdora.weight_norm_of (weight: its Params4bit)
+        self._norm_fn = norm_fn
 
     def clear(self) -> None:
         self._entry = None
 
     def __getstate__(self):  # pickled or copied layers recompute: the entry holds weak references
-        return {"_entry": None}
+        return {"_entry": None, "_norm_fn": getattr(self, "_norm_fn", None)}
+
+    def _compute(self, weight, lora_A, lora_B, scaling, backend) -> torch.Tensor:
+        norm_fn = getattr(self, "_norm_fn", None) or dora_weight_norm
+        return norm_fn(weight, lora_A, lora_B, scaling, backend)
 
     def get(self, weight, lora_A, lora_B, scaling: float, backend: str = "auto", tag=None) -> torch.Tensor:
         if torch.compiler.is_compiling() or functorch_active():  # no storages to key on while tracing
-            return dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+            return self._compute(weight, lora_A, lora_B, scaling, backend)
         if is_training_call(weight, lora_A, lora_B):
             self._entry = None
-            return dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+            return self._compute(weight, lora_A, lora_B, scaling, backend)
         tensors = (weight, lora_A, lora_B)
         stamps = tuple(version_stamp(t) for t in tensors)
         inference = torch.is_inference_mode_enabled()
@@ -87,7 +94,7 @@ class NormCache:
         hit = self._lookup(key, tensors, inference)
         if hit is not None:
             return hit
-        norm = dora_weight_norm(weight, lora_A, lora_B, scaling, backend)
+        norm = self._compute(weight, lora_A, lora_B, scaling, backend)
         if None not in stamps:
             self._entry = (key, tuple(weakref.ref(t) for t in tensors), norm)
         return norm

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .module import FusedDoraLinear
+from .quantized import bnb_kind
 from .validation import check_adapter_hparams
 
 # PEFT's shorthand: every nn.Linear except the output layer (and, here, those whose weight torch
@@ -106,6 +107,11 @@ def _output_layer(model: nn.Module) -> Optional[nn.Module]:
         return None
 
 
+def _replaceable(module: nn.Module) -> bool:
+    """A plain nn.Linear, or a bitsandbytes 4-bit Linear4bit (FusedDoraLinear4bit serves it)."""
+    return type(module) is nn.Linear or bnb_kind(module) == "4bit"
+
+
 def _read_directly(model: nn.Module, name: str) -> Optional[str]:
     """Why the module ``name`` is an nn.Linear whose weight torch reads directly, bypassing its
     forward (and so any adapter put in its place), or None."""
@@ -125,7 +131,7 @@ def _find_targets(model: nn.Module, targets) -> tuple:
         output = _output_layer(model)
         found, left_out = [], []
         for n, m in model.named_modules():
-            if n and type(m) is nn.Linear and m is not output:
+            if n and _replaceable(m) and m is not output:
                 why = _read_directly(model, n)
                 if why is None:
                     found.append((n, m))
@@ -136,7 +142,7 @@ def _find_targets(model: nn.Module, targets) -> tuple:
     for name, module in model.named_modules():
         if not name or not _matches(_peft_name(name), targets):
             continue
-        if type(module) is nn.Linear:
+        if _replaceable(module):
             why = _read_directly(model, name)
             if why is None:
                 found.append((name, module))
@@ -423,9 +429,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, strict: boo
             if module.r != r or not math.isclose(module.scaling, scaling, rel_tol=1e-6):
                 raise ValueError(f"{name}: the layer has r={module.r}, scaling={module.scaling:g} but the adapter "
                                  f"has r={r}, scaling={scaling:g}")
-        elif type(module) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(module).__name__}; "
-                             "load_adapter needs a FusedDoraLinear or an nn.Linear")
+        elif not _replaceable(module):
+            raise ValueError(f"{name} is a {type(module).__name__}; load_adapter needs a FusedDoraLinear, an nn.Linear "
+                             "or a bitsandbytes Linear4bit")
         elif _read_directly(model, real_names[name]) is not None:
             raise ValueError(f"{_read_directly(model, real_names[name])}, "
                              "so an adapter there would be silently ignored")

@@ -55,7 +55,7 @@ SPILLS = {
             'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
+            'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '32x64x128 w4 s4', '64x256x64 w4 s4'],
             'fp16/fp16 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -93,7 +93,7 @@ SPILLS = {
             'bf16/bf16 R16 dropout tf32': ['128x128x64 w4 s4', '64x256x64 w4 s4'],
             'bf16/bf16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R64 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
+            'bf16/fp32 R64 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '32x64x128 w4 s4', '64x256x64 w4 s4'],
             'fp16/fp16 R16 dropout tf32': ['128x128x64 w4 s4', '64x256x64 w4 s4'],
             'fp16/fp16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -107,11 +107,15 @@ SPILLS = {
         },
         90: {
         },
+        100: {
+        },
     },
     '_finish_row_norm_kernel': {
         80: {
         },
         90: {
+        },
+        100: {
         },
     },
     '_lora_A_grad_kernel': {
@@ -239,11 +243,12 @@ SPILLS = {
             'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '64x128 w4 s3'],
         },
         100: {
+            'bf16/bf16 R16 store-e tf32': ['128x128 w8 s3', '128x64 w4 s3', '64x128 w4 s3', '64x64 w8 s4'],
             'bf16/bf16 R64 store-e tf32': ['128x64 w8 s3', '64x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4'],
-            'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
+            'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '32x128 w4 s4', '32x64 w4 s4'],
             'fp16/fp16 R16 - tf32': ['128x128 w8 s3'],
             'fp16/fp16 R16 store-e tf32': ['128x64 w8 s3'],
             'fp16/fp16 R64 - tf32': ['128x64 w4 s3'],
@@ -275,6 +280,24 @@ SPILLS = {
             'fp16/fp16 R16 - tf32': ['32x64 w4 s4'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
+        },
+    },
+    '_quant_row_sumsq_kernel': {
+        80: {
+            '-/fp16 R64 - tf32': ['32x128 w4 s3'],
+            '-/fp32 R16 - tf32x3': ['32x128 w4 s3'],
+            '-/fp32 R64 - tf32x3': ['16x128 w4 s3', '32x128 w4 s3', '32x64 w4 s4', '64x64 w4 s3'],
+        },
+        90: {
+            '-/bf16 R64 - tf32': ['32x128 w4 s3'],
+            '-/fp16 R64 - tf32': ['32x128 w4 s3'],
+            '-/fp32 R64 - tf32x3': ['16x128 w4 s3', '32x128 w4 s3', '32x64 w4 s4', '64x64 w4 s3'],
+        },
+        100: {
+            '-/bf16 R64 - tf32': ['32x128 w4 s3'],
+            '-/fp16 R64 - tf32': ['32x128 w4 s3', '64x64 w4 s3'],
+            '-/fp32 R16 - tf32x3': ['64x64 w4 s3'],
+            '-/fp32 R64 - tf32x3': ['16x128 w4 s3', '32x128 w4 s3', '32x64 w4 s4', '64x64 w4 s3'],
         },
     },
     '_row_sumsq_kernel': {

@@ -211,7 +211,7 @@ def split_count(base_programs: int, rows: int, device: torch.device, rows_per_sp
 
 
 # The kernel families (modules of this package) whose kernels `autotune` registers.
-FAMILIES = ("norm", "dropout", "forward", "input_grad", "adapter_grads", "composed")
+FAMILIES = ("norm", "dropout", "forward", "input_grad", "adapter_grads", "composed", "quant_norm")
 
 
 def tuned_kernels() -> dict:

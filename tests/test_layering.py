@@ -11,11 +11,12 @@ PACKAGE = ROOT / "fused_dora"
 # each module may import only modules of a lower layer (or of its own layer, for the leaves)
 LAYERS = [
     {"reference", "backend", "routes"},
-    {"validation", "drivers"},
+    {"validation", "drivers", "quantized"},
     {"autograd"},
-    {"functional"},
+    {"functional", "qdora"},
     {"norm_cache"},
-    {"module"},
+    {"module", "integrations.peft_bnb"},
+    {"qmodule"},
     {"replace", "integrations", "integrations.peft"},
     {"integrations.transformers"},
     {"fused_dora"},  # the package's __init__

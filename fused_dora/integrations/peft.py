@@ -22,8 +22,13 @@ import torch.nn as nn
 from ..backend import FusedDoraWarning, reference_reason
 from ..functional import dora_linear
 from ..norm_cache import NormCache
+from ..qdora import weight_norm_of
+from ..quantized import bnb_kind
 from ..routes import check_route, route_name
 from ..validation import DROPOUT_SEMANTICS, check_backend, check_dropout_semantics  # noqa: F401 (re-exported)
+from .peft_bnb import bnb_forward, peft_bnb_layer_kind
+from .peft_bnb import structural_reason as bnb_structural_reason
+from .peft_bnb import weight_reason as bnb_weight_reason
 
 logger = logging.getLogger(__name__)  # "fused_dora.integrations.peft", under the "fused_dora" logger
 
@@ -68,6 +73,9 @@ def _structural_reason(module) -> Optional[str]:
         import peft
 
         return f"PEFT {peft.__version__} is not served (no DoraLinearLayer magnitudes; fused_dora serves PEFT >= 0.12)"
+    kind = peft_bnb_layer_kind(module)
+    if kind is not None:  # lora.bnb.Linear4bit / Linear8bitLt: fused_dora.integrations.peft_bnb
+        return bnb_structural_reason(module, kind)
     if not isinstance(module, lora_layer.Linear):
         return f"{type(module).__name__} layers are not served (only lora.Linear over nn.Linear)"
     if type(module).forward is not lora_layer.Linear.forward:
@@ -178,11 +186,13 @@ class _FusedForward(_LayerBound):
         self.previous = previous  # an instance-level forward that was there before, if any
         self.last_input_reason = None  # why the last call's arguments went to PEFT's path
         self.last_reference_reason = None  # why the last fused call ran the PyTorch reference path
-        self._norm_cache = NormCache()
+        # a bitsandbytes base (4-bit, 8-bit): the norm of its quantized weight
+        self._norm_cache = NormCache(weight_norm_of if bnb_kind(layer.get_base_layer()) else None)
 
     def status(self) -> str:
         """"fused", or why PEFT's path or the reference path runs (see fused_dora_status)."""
         _, reason = _active_adapter_or_reason(self.layer, self.dropout_semantics)
+        reason = reason or bnb_weight_reason(self.layer)  # a bitsandbytes weight that cannot be read now
         return reason or self.last_input_reason or _fused_status(self.last_reference_reason)
 
     def peft_forward(self, x, *args, **kwargs):
@@ -199,6 +209,8 @@ class _FusedForward(_LayerBound):
             reason = "extra forward arguments (e.g. adapter_names for mixed batches)"
         else:
             base = layer.get_base_layer()
+            if bnb_kind(base) is not None:  # bitsandbytes 4-bit / 8-bit: fused_dora.integrations.peft_bnb
+                return bnb_forward(self, layer, base, adapter, x)
             weight, bias = base.weight, base.bias
             lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             magnitude = layer.lora_magnitude_vector[adapter].weight
