@@ -413,9 +413,11 @@ def build_peft_4bit(data: CaseData, use_dora: bool):
     c = data.case
     cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.p, target_modules=["proj"], use_dora=use_dora,
                      bias="none")
+    holder = _Holder(_linear4bit(data))
+    holder.is_loaded_in_4bit = True  # what PEFT dispatches its bitsandbytes layers on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(_Holder(_linear4bit(data)), cfg, autocast_adapter_dtype=(data.ad == torch.float32))
+        pm = get_peft_model(holder, cfg, autocast_adapter_dtype=(data.ad == torch.float32))
     layer = pm.base_model.model.proj
     if "bnb" not in type(layer).__module__:
         raise Unavailable(f"PEFT wrapped the Linear4bit as {type(layer).__module__}.{type(layer).__name__}")
