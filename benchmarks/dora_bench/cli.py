@@ -160,7 +160,9 @@ def main(argv=None) -> int:
         if not has_cuda:
             log("SMOKE MODE: no CUDA device. Timings need a GPU: run `python benchmarks/bench.py` on an H100/H200.")
             log("Measured here: parity (both routes), and the byte-count targets T9 (bytes saved for backward) "
-                "and T11 (no dense [out, in] temporary), which do not depend on the device (fp16 standing for bf16).")
+                "and T11 (no dense [out, in] temporary), which do not depend on the device (fp16 standing for bf16); "
+                "QDoRA (bitsandbytes NF4 + double quant, its CPU backend): parity against PEFT QDoRA and Q1 (the norm "
+                "from the packed weight makes no dense [out, in] temporary).")
             log("Skipped here: all timings and peak memory, torch.compile (ref_compile), bf16 (the interpreter "
                 "has no bf16), the timing and peak-memory verdicts, the ~1B-model and Scaling-DoRA cases (a tiny "
                 "model ran instead).")
