@@ -42,6 +42,11 @@ MODES = {
              "grad. checkpointing, optimizer step excluded",
 }
 LAYER_MODES = ("norm", "infer", "merged", "train0", "train05")
+# QDoRA cases (Case.quant = "nf4"): the base weight a bitsandbytes Linear4bit, NF4 with double
+# quantization (compress_statistics), blocksize 64, compute dtype = the activation dtype (bf16 on
+# a GPU); the layer competitors there are PEFT QLoRA / QDoRA and fused_dora's 4-bit path
+QUANT_TYPES = {"nf4": dict(quant_type="nf4", compress_statistics=True, blocksize=64)}
+QUANT_MODES = ("norm", "infer", "train0", "train05")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_CONFIGS = {
     # Llama-3.2-1B dimensions (1.24B parameters), random weights
@@ -72,6 +77,7 @@ class Case:
     r: int
     dtype: str = "bf16+fp32"
     tier: int = 1  # run order: 1 (targets) before the whole-model cases before 3 (coverage)
+    quant: str = ""  # "" (dense base weight) or a key of QUANT_TYPES (a bitsandbytes 4-bit base)
 
     @property
     def K(self) -> int:
@@ -106,7 +112,8 @@ class Case:
     @property
     def key(self) -> str:
         m = "" if self.mode == "norm" else f" M={self.M}"
-        return f"{self.mode} {self.shape}{m} r={self.r} {self.dtype}"
+        q = f" {self.quant}+dq" if self.quant else ""
+        return f"{self.mode} {self.shape}{m} r={self.r} {self.dtype}{q}"
 
     def flops(self, competitor: str) -> float:
         """Useful flops: the floor's own GEMMs for the floor, the DoRA layer's for the others.
@@ -161,6 +168,9 @@ def preset_cases(preset: str) -> List[Case]:
                 add(Case(mode, "cpu", 40, 16, dt))
         add(Case("train0", "cpuhr", 24, 384, "fp16+fp32"))
         add(Case("norm", "cpuhr", 0, 384, "fp16+fp32"))
+        # QDoRA (bitsandbytes' CPU backend): parity against PEFT QDoRA, the norm's dense temporaries
+        for mode in ("norm", "infer", "train0"):
+            add(Case(mode, "tiny", 0 if mode == "norm" else 33, 8, "fp32", quant="nf4"))
         return cases  # parity of fp16 and dropout 0 is covered by smoke.smoke_parity
     if preset == "quick":
         add(Case("norm", "up", 0, 16))
@@ -170,6 +180,7 @@ def preset_cases(preset: str) -> List[Case]:
         add(Case("infer", "qo", 16, 16))
         add(Case("infer", "qo", 4096, 16))
         add(Case("merged", "qo", 4096, 16))
+        add(Case("train0", "qo", 4096, 16, quant="nf4"))
         return cases
     if preset != "full":
         raise ValueError(f"unknown preset {preset!r}")
@@ -209,6 +220,13 @@ def preset_cases(preset: str) -> List[Case]:
         add(Case("norm", s, 0, 64, tier=3))
     for m in (1, 512):
         add(Case("infer", "hr", m, 384, tier=3))
+    # tier 3: QDoRA over the Llama-3-8B projections, NF4 + double quantization, bf16 compute
+    for s in LLAMA_SHAPES:
+        for r in RANKS:
+            add(Case("norm", s, 0, r, quant="nf4", tier=3))
+            add(Case("train0", s, 4096, r, quant="nf4", tier=3))
+        for m in (16, 4096):
+            add(Case("infer", s, m, 16, quant="nf4", tier=3))
     return cases
 
 
@@ -258,6 +276,8 @@ def select_cases(args, smoke: bool):
             cases = [c for c in cases if c.dtype in args.dtypes]
         if args.modes:
             cases = [c for c in cases if c.mode in args.modes]
+    if getattr(args, "no_qdora", False):
+        cases = [c for c in cases if not c.quant]
     for c in cases:
         if c.shape not in SHAPES or c.dtype not in DTYPES:
             raise SystemExit(f"unknown shape or dtype in {c.key}")

@@ -18,7 +18,7 @@ from .predicted import load_predictions, predicted
 from .provenance import device_info, run_meta
 from .report import markdown_report, save_reports, summary_table
 from .schedule import run_plan
-from .smoke import smoke_parity
+from .smoke import smoke_parity, smoke_qdora_parity
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"  # benchmarks/results
 
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--paper-protocol", action="store_true",
                     help="add the Scaling-DoRA protocol (in the full preset already)")
     ap.add_argument("--no-model", action="store_true", help="drop the whole-model and paper cases")
+    ap.add_argument("--no-qdora", action="store_true",
+                    help="drop the QDoRA cases (bitsandbytes 4-bit base weight, key suffix 'nf4+dq')")
     ap.add_argument("--model-config", choices=[k for k in MODEL_CONFIGS if k != "tiny"], default="llama-1b")
     ap.add_argument("--model-r", type=int, default=16)
     ap.add_argument("--model-dropout", type=float, default=0.0)
@@ -130,6 +132,10 @@ def main(argv=None) -> int:
         log("== parity (Triton path, fused and composed routes, vs float64 reference, forward and every "
             "gradient)")
         parity_ok = smoke_parity(dev, log)
+        if not getattr(args, "no_qdora", False):
+            log("")
+            log("== QDoRA parity (fused_dora's 4-bit path vs float64 and PEFT QDoRA; bitsandbytes NF4)")
+            parity_ok &= smoke_qdora_parity(dev, log)
 
     rows, skipped = run_plan(cases, specs, args, dev, timer, bw, log, t_start, budget_min, smoke)
 
@@ -160,7 +166,9 @@ def main(argv=None) -> int:
         if not has_cuda:
             log("SMOKE MODE: no CUDA device. Timings need a GPU: run `python benchmarks/bench.py` on an H100/H200.")
             log("Measured here: parity (both routes), and the byte-count targets T9 (bytes saved for backward) "
-                "and T11 (no dense [out, in] temporary), which do not depend on the device (fp16 standing for bf16).")
+                "and T11 (no dense [out, in] temporary), which do not depend on the device (fp16 standing for bf16); "
+                "QDoRA (bitsandbytes NF4 + double quant, its CPU backend): parity against PEFT QDoRA and Q1 (the norm "
+                "from the packed weight makes no dense [out, in] temporary).")
             log("Skipped here: all timings and peak memory, torch.compile (ref_compile), bf16 (the interpreter "
                 "has no bf16), the timing and peak-memory verdicts, the ~1B-model and Scaling-DoRA cases (a tiny "
                 "model ran instead).")

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cases import Case
-from .inputs import CaseData, make_data
+from .inputs import CaseData, make_data, quant_tensors
 from .instruments import storage_key
 
 COMPETITORS = {
@@ -33,6 +33,7 @@ COMPETITORS = {
     "fused": "fused_dora Triton path, route=\"fused\": Triton GEMMs with the DoRA work inside (the targets judge it)",
     "fused_composed": "fused_dora, route=\"composed\": cuBLAS (torch.mm) for the two big GEMMs, Triton passes around",
     "fused_auto": "fused_dora, route=\"auto\": the faster route, timed on first use per shape (the report says which)",
+    "fused_4bit": "QDoRA cases only: fused_dora.FusedDoraLinear4bit over the Linear4bit (no PEFT)",
     # norm mode only
     "linear_fwd": "F.linear forward at --norm-fwd-tokens tokens (what 'a forward' costs)",
 }
@@ -47,6 +48,24 @@ MODE_COMPETITORS = {
                 "fused_auto"],
 }
 ROUTES = {"fused": "fused", "fused_composed": "composed", "fused_auto": "auto"}  # competitor -> fused_dora route
+
+# QDoRA cases (Case.quant): the same names over a bitsandbytes Linear4bit base, so the ratios and
+# speedups of the report read the same way (x_peft_dora = over PEFT QDoRA, x_peft_lora = over QLoRA)
+QDORA_COMPETITORS = {
+    "floor": "bitsandbytes Linear4bit alone (its dequantize + matmul); training: + input gradient",
+    "peft_lora": "PEFT QLoRA: lora.bnb.Linear4bit, use_dora=False",
+    "peft_dora": "PEFT QDoRA: lora.bnb.Linear4bit, use_dora=True (dequantizes W and forms B@A per forward)",
+    "fused": "enable_fused_dora over the PEFT QDoRA layer (norm mode: dora_weight_norm_4bit, packed codes)",
+    "fused_4bit": "FusedDoraLinear4bit over the Linear4bit (no PEFT)",
+}
+_QDORA_LAYER = ["floor", "peft_lora", "peft_dora", "fused", "fused_4bit"]
+QDORA_MODE_COMPETITORS = {"norm": ["floor", "peft_dora", "fused"], "infer": _QDORA_LAYER, "train0": _QDORA_LAYER,
+                          "train05": _QDORA_LAYER}
+
+
+def competitors_for(case: Case) -> list:
+    """The competitors of a case's mode, in run order (QDoRA cases have their own list)."""
+    return (QDORA_MODE_COMPETITORS if case.quant else MODE_COMPETITORS)[case.mode]
 
 
 class Unavailable(Exception):
@@ -76,6 +95,9 @@ class Competitor:
 LAYER_BUILDERS: Dict[str, Callable[[CaseData, str, bool], Competitor]] = {}
 # name -> make(data, A, B) -> fn(): the row norm of W + s * B @ A as that implementation computes it
 NORM_CALLS: Dict[str, Callable[[CaseData, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]] = {}
+# the same two tables for the QDoRA cases (a bitsandbytes 4-bit base weight, data.qweight)
+QUANT_LAYER_BUILDERS: Dict[str, Callable[[CaseData, str, bool], Competitor]] = {}
+QUANT_NORM_CALLS: Dict[str, Callable[[CaseData, torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]] = {}
 
 
 def _registers(table: dict, *names: str):
@@ -87,13 +109,16 @@ def _registers(table: dict, *names: str):
 
 
 def build_competitor(name: str, data: CaseData, norm_per_step: bool = True) -> Competitor:
+    quant = bool(data.case.quant)
+    if quant and data.qweight is None:
+        raise Unavailable(data.quant_missing or "no 4-bit weight")
     if data.case.mode == "norm":
-        make = NORM_CALLS.get(name)
+        make = (QUANT_NORM_CALLS if quant else NORM_CALLS).get(name)
         if make is None:
             raise Unavailable(f"{name} has no norm-mode variant")
         A, B = data.A.to(data.ad), data.B.to(data.ad)
-        return Competitor(name, make(data, A, B), [], [data.W, A, B])
-    build = LAYER_BUILDERS.get(name)
+        return Competitor(name, make(data, A, B), [], [data.W, A, B] + quant_tensors(data.qweight))
+    build = (QUANT_LAYER_BUILDERS if quant else LAYER_BUILDERS).get(name)
     if build is None:
         raise ValueError(f"unknown competitor {name!r}")
     return build(data, name, norm_per_step)
@@ -361,7 +386,137 @@ def _linear_forward(data: CaseData, A: torch.Tensor, B: torch.Tensor):
     return lambda: F.linear(x, W)
 
 
+# ---------------------------------------------------------------------------------------------
+# QDoRA cases: a bitsandbytes Linear4bit base (NF4 + double quantization), compute dtype = act
+# ---------------------------------------------------------------------------------------------
+def _linear4bit(data: CaseData) -> nn.Module:
+    """A bias-free bnb.nn.Linear4bit whose weight is the case's Params4bit (shared, not copied)."""
+    import bitsandbytes as bnb
+
+    c, qw = data.case, data.qweight
+    lin = bnb.nn.Linear4bit(c.K, c.N, bias=False, compute_dtype=data.act, quant_type=qw.quant_type,
+                            compress_statistics=qw.compress_statistics, device="meta")
+    lin.weight = qw
+    return lin.train(c.training)
+
+
+def _quant_frozen(data: CaseData) -> list:
+    return [data.W] + quant_tensors(data.qweight)
+
+
+def build_peft_4bit(data: CaseData, use_dora: bool):
+    """(PeftModel over one Linear4bit, its lora.bnb.Linear4bit layer) with the case's adapters."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise Unavailable(f"peft not installed ({exc})") from None
+    c = data.case
+    cfg = LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.p, target_modules=["proj"], use_dora=use_dora,
+                     bias="none")
+    holder = _Holder(_linear4bit(data))
+    holder.is_loaded_in_4bit = True  # what PEFT dispatches its bitsandbytes layers on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(holder, cfg, autocast_adapter_dtype=(data.ad == torch.float32))
+    layer = pm.base_model.model.proj
+    if "bnb" not in type(layer).__module__:
+        raise Unavailable(f"PEFT wrapped the Linear4bit as {type(layer).__module__}.{type(layer).__name__}")
+    set_param(layer.lora_A["default"].weight, data.A, data.ad)
+    set_param(layer.lora_B["default"].weight, data.B, data.ad)
+    if use_dora:
+        set_param(layer.lora_magnitude_vector["default"].weight, data.mag, data.ad)
+    pm.train(c.training)
+    return pm, layer
+
+
+def _bump(params) -> Callable[[], None]:
+    """A pre-step standing in for the optimizer step: adapters 'changed', a cached norm is stale."""
+    inc = getattr(torch.autograd.graph, "increment_version", None)
+
+    def bump():
+        if inc is not None:
+            for p in params:
+                inc(p)
+        else:
+            with torch.no_grad():
+                for p in params:
+                    p.add_(0)
+    return bump
+
+
+@_registers(QUANT_LAYER_BUILDERS, "floor")
+def _floor_4bit(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
+    lin = _linear4bit(data)
+    return Competitor("floor", lin, [], _quant_frozen(data), computes_dora=False)
+
+
+@_registers(QUANT_LAYER_BUILDERS, "peft_lora", "peft_dora", "fused")
+def _peft_4bit(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
+    use_dora = name != "peft_lora"
+    if name == "fused":
+        _require_triton(data.dev)
+    pm, layer = build_peft_4bit(data, use_dora)
+    pre = None
+    if name == "fused":
+        from fused_dora.integrations.peft import enable_fused_dora, fused_dora_status
+
+        switched = enable_fused_dora(pm, backend="triton", warn=False)
+        status = dict(fused_dora_status(pm))
+        if switched != 1 or any(v != "fused" for v in status.values()):
+            raise Unavailable(f"enable_fused_dora did not switch the QDoRA layer: {status}")
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if name == "fused" and data.case.training and norm_per_step:
+        pre = _bump(params)  # the norm recomputed every step, as after an optimizer step
+    frozen = [p for p in layer.parameters() if not p.requires_grad] + _quant_frozen(data)
+    comp = Competitor(name, layer, params, frozen, pre_step=pre, computes_dora=use_dora)
+    comp.peft_model = pm  # keeps the wrapper (and enable_fused_dora's state) alive with the layer
+    return comp
+
+
+@_registers(QUANT_LAYER_BUILDERS, "fused_4bit")
+def _fused_4bit(data: CaseData, name: str, norm_per_step: bool) -> Competitor:
+    from fused_dora import FusedDoraLinear
+
+    _require_triton(data.dev)
+    c = data.case
+    layer = FusedDoraLinear.from_linear(_linear4bit(data), r=c.r, lora_alpha=c.alpha, lora_dropout=c.p,
+                                        adapter_dtype=data.ad, backend="triton")
+    set_param(layer.lora_A, data.A, data.ad)
+    set_param(layer.lora_B, data.B, data.ad)
+    set_param(layer.magnitude, data.mag, data.ad)
+    layer.clear_norm_cache()
+    layer.train(c.training)
+    pre = layer.clear_norm_cache if (c.training and norm_per_step) else None
+    return Competitor(name, layer, [layer.lora_A, layer.lora_B, layer.magnitude], _quant_frozen(data), pre_step=pre,
+                      kept=lambda: [layer.weight_norm()])
+
+
+@_registers(QUANT_NORM_CALLS, "fused")
+def _fused_norm_4bit(data: CaseData, A: torch.Tensor, B: torch.Tensor):
+    from fused_dora.qdora import dora_weight_norm_4bit
+
+    _require_triton(data.dev)
+    qw, s = data.qweight, data.case.scaling
+    return lambda: dora_weight_norm_4bit(qw, A, B, s, backend="triton")
+
+
+@_registers(QUANT_NORM_CALLS, "peft_dora")
+def _peft_norm_4bit(data: CaseData, A: torch.Tensor, B: torch.Tensor):
+    from peft.utils.integrations import dequantize_module_weight
+
+    _, layer = build_peft_4bit(data, True)
+    dora = layer.lora_magnitude_vector["default"]
+    la, lb, base, s = layer.lora_A["default"], layer.lora_B["default"], layer.get_base_layer(), data.case.scaling
+
+    def fn():  # what PEFT's QDoRA forward does for the norm: the whole weight dequantized, B@A dense
+        lora_weight = dora.get_lora_weight(lora_A=la, lora_B=lb).to(data.act)
+        weight = dequantize_module_weight(base).to(data.act)
+        return dora.get_weight_norm(weight=weight, lora_weight=lora_weight.detach(), scaling=s)
+    return fn
+
+
 assert set(LAYER_BUILDERS) | set(NORM_CALLS) <= set(COMPETITORS), "every competitor is described"
+assert set(QUANT_LAYER_BUILDERS) | set(QUANT_NORM_CALLS) <= set(QDORA_COMPETITORS), "every QDoRA one too"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def layer_metrics(case: Case, results: dict, bw: float) -> dict:
     act_bits = torch.finfo(case.torch_dtypes[0]).bits
     if case.mode == "norm":
         if f:
-            W_bytes = case.N * case.K * act_bits / 8
+            # QDoRA: 4-bit codes plus about one byte of absmax per 64 (double quantization)
+            W_bytes = case.N * case.K * ((0.5 + 1 / 64) if case.quant else act_bits / 8)
             m["norm_gbs"] = W_bytes / (f * 1e-3) / 1e9
             m["bw_frac"] = W_bytes / (f * 1e-3) / bw
             fwd = ms_of(results, "linear_fwd")
@@ -108,9 +109,9 @@ def finish_row(row: dict, case, bw: float) -> dict:
     """Add 'metrics' and 'checks' to a row of raw results (a layer Case or a whole-model spec)."""
     if isinstance(case, Case):
         row["metrics"] = layer_metrics(case, row["results"], bw)
-        M, r = case.M, case.r
+        M, r, quant = case.M, case.r, case.quant
     else:
         row["metrics"] = model_metrics(row["results"])
-        M, r = case.batch * case.seq, case.r
-    row["checks"] = [evaluate_check(c, row["metrics"]) for c in CHECKS if check_applies(c, case.mode, M, r)]
+        M, r, quant = case.batch * case.seq, case.r, ""
+    row["checks"] = [evaluate_check(c, row["metrics"]) for c in CHECKS if check_applies(c, case.mode, M, r, quant)]
     return row

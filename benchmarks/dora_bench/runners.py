@@ -11,8 +11,8 @@ from typing import Callable, Dict
 import torch
 
 from .cases import Case, ModelSpec
-from .competitors import MODE_COMPETITORS, Unavailable, build_competitor, make_call
-from .inputs import make_data
+from .competitors import Unavailable, build_competitor, competitors_for, make_call
+from .inputs import make_data, quant_bytes
 from .instruments import Timer, cleanup, count_dense_temporaries, rel_err, saved_bytes, step_times, sync
 from .metrics import finish_row
 from .models import MODEL_COMPETITORS, bump_versions, fused_integrations, make_model_competitor
@@ -73,11 +73,15 @@ def run_layer_case(case: Case, args, dev: torch.device, timer: Timer, bw: float,
         res.update(comp.extra())
         return res
 
-    names = [n for n in MODE_COMPETITORS[case.mode] if n in args.competitor_set or n in ("floor", "linear_fwd")]
+    names = [n for n in competitors_for(case) if n in args.competitor_set or n in ("floor", "linear_fwd")]
     for name in names:
         if name == "floor" and case.mode == "norm":
-            results[name] = {"status": "derived", "ms": data.W.numel() * data.W.element_size() / bw * 1e3,
-                             "note": "W read once at the measured bandwidth"}
+            if case.quant and data.qweight is None:
+                results[name] = {"status": f"skipped: {data.quant_missing}"}
+                continue
+            w_bytes = quant_bytes(data.qweight) if case.quant else data.W.numel() * data.W.element_size()
+            results[name] = {"status": "derived", "ms": w_bytes / bw * 1e3,
+                             "note": "W (QDoRA: its 4-bit codes and quant state) read once at the measured bandwidth"}
             continue
         results[name] = guarded(lambda name=name: measure(name), dev, args.verbose)
     data = y_ref = None  # released before the cleanup

@@ -21,6 +21,7 @@ class Check:
     alt: Optional[tuple] = None  # (metric, op, target, unit): the check is met if either holds
     unit: str = "x"
     counts_bytes: bool = False  # a count of bytes / tensors, not a time: a CPU smoke run measures it too
+    quant: bool = False  # a QDoRA check (4-bit base weight): applies to QDoRA cases only, and they only to it
 
 
 CHECKS = [
@@ -45,6 +46,8 @@ CHECKS = [
           "peak_vs_peft_dora", "<=", 0.60, unit="x PEFT DoRA's peak"),
     Check("T11", "r=384: no dense [out, in] temporary", ("train0", "train05", "infer", "norm"),
           "dense_tmp", "<=", 0, min_r=256, unit=" temporaries", counts_bytes=True),
+    Check("Q1", "QDoRA: the norm from the packed 4-bit weight makes no dense [out, in] temporary", ("norm",),
+          "dense_tmp", "<=", 0, unit=" temporaries", counts_bytes=True, quant=True),
     Check("T12", "whole model: step >= 1.6x faster than PEFT DoRA", ("model",), "x_peft_dora", ">=", 1.6),
     Check("T13", "whole model: step within 1.1x of PEFT LoRA", ("model",), "ratio_peft_lora", "<=", 1.1),
     Check("T14", "Scaling-DoRA protocol: clearly above the paper's 1.5-1.9x over PEFT DoRA (>= 1.9x)",
@@ -55,8 +58,8 @@ CHECKS = [
 CHECK_BY_ID = {c.id: c for c in CHECKS}
 
 
-def check_applies(chk: Check, mode: str, M: int, r: int) -> bool:
-    if mode not in chk.modes:
+def check_applies(chk: Check, mode: str, M: int, r: int, quant: str = "") -> bool:
+    if mode not in chk.modes or chk.quant != bool(quant):
         return False
     if mode in ("model", "paper", "norm"):
         return r >= chk.min_r and r <= chk.max_r
