@@ -76,9 +76,10 @@ def test_forward_main_loop_is_the_tutorials(loops):
 
 
 def test_dx_main_loop_is_plain(loops):
-    """No per-element work on an operand in the dx main loop (issue 19.2, kernels of 5291089): the
-    same MMAs as the anchor, under 0.5 issue share and within 1.25x its instructions per k-step at
-    128x256x64 (2.34x, 276 vs 118, while c was applied to dy as it was loaded; 1.18x since)."""
+    """No per-element work on an operand in the dx main loop (issue 19.2): the same MMAs as the
+    anchor, under 0.5 issue share and within 1.25x its instructions per k-step at 128x256x64
+    (2.34x, 276 vs 118, while c was applied to dy as it was loaded; 1.18x with e loaded under
+    2-D masks; 1.00x with the tutorial's loads)."""
     rows = _rows(loops, "_dora_input_grad_kernel")
     # no dropout with fp32 and bf16 adapters, dropout with bf16 ones (with fp32 ones 128x256 spills)
     assert {r["variant"] for r in rows} >= {"no-dropout tf32 fp32 adapters", "no-dropout tf32 bf16 adapters",
@@ -88,14 +89,8 @@ def test_dx_main_loop_is_plain(loops):
         assert r["issue_share"] <= 0.5, r
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 19.2: the dx main loop (e @ W since 5291089) issues 139 instructions per k-step at 128x256x64 w8 s3 "
-    "on sm_90 against the anchor's 118 in the same e @ W layout: 1.18x, limit 1.15x (with and without dropout, "
-    "fp32 and bf16 adapters; 128x256 with dropout and fp32 adapters spills and is not pickable). Over every "
-    "pickable tile of 64 rows or more (cost_model.py --loops-only --check-dx): 1.08x-1.39x, issue share "
-    "0.27-0.69 (the issue-share half of the target is met). Whoever brings dx within 1.15x removes this mark."))
 def test_dx_main_loop_within_anchor(loops):
-    """cost_model.py --check-dx: every compiled dx tile of 64 rows or more within 1.15x the anchor's
+    """cost_model.py --check-dx (issue 19.2): every compiled dx tile of 64 rows or more within 1.15x the anchor's
     instructions per k-step and at most 1.0 issue share, with and without dropout, fp32 and bf16
     adapters (this test compiles the largest tile only; the full check compiles every pickable one)."""
     assert loops["rc"] == 0, loops["stderr"][-2000:]
