@@ -38,7 +38,12 @@ def check_scaling(scaling) -> float:
         # layer.scaling) as symbols: math.isfinite or float() would break the graph or specialize
         # the symbol. Dynamo never makes nan / inf symbolic, so a non-finite value is a constant
         # here and fails this check at trace time.
-        torch._check_value(scaling * 0 == 0, lambda: "scaling must be finite")
+        finite = scaling * 0 == 0
+        if isinstance(finite, bool):  # a constant (static shapes, or a float Dynamo specialized)
+            if not finite:
+                raise ValueError(f"scaling must be finite, got {scaling}")
+        else:  # a symbol: a guard, no message (torch 2.11's Dynamo cannot trace the message's lambda)
+            torch._check(finite)
         return scaling
     scaling = float(scaling)
     if not math.isfinite(scaling):
