@@ -155,6 +155,10 @@ def captured_launches(x_dtype, adapter_dtype, r: int, dropout: bool, sms: int = 
             _, su, q, norm = drivers.fused_forward(x, w, bias, a, b, mag, None, s, p, seed, True, route=route)
             drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=True, need_da=True,
                                    need_db=True, need_dmag=True, route=route)
+        # a layer whose input needs no gradient (the first one, over frozen embeddings): lora_up_grad
+        # forms v alone, e not stored
+        drivers.fused_backward(dy, x, w, a, b, su, q, mag, norm, s, p, seed, need_dx=False, need_da=True,
+                               need_db=True, need_dmag=True)
     finally:
         tuning.num_sms = real_num_sms
         for tuned in TUNED_KERNELS.values():

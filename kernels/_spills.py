@@ -218,7 +218,7 @@ SPILLS = {
         80: {
             'bf16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
-            'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '128x64 w8 s3'],
+            'bf16/fp32 R64 - tf32x3': ['64x64 w8 s4'],
             'bf16/fp32 R64 store-e tf32x3': ['64x64 w8 s4'],
             'fp16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
             'fp16/fp32 R16 store-e tf32x3': ['16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
@@ -230,9 +230,10 @@ SPILLS = {
             'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '128x64 w8 s3', '32x64 w4 s4', '64x64 w8 s4'],
         },
         90: {
+            'bf16/bf16 R16 - tf32': ['32x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
-            'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
+            'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '32x64 w8 s4'],
             'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
             'fp16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],

@@ -29,12 +29,12 @@ _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 
 def _up_grad_smem_bytes(a) -> int:
-    """The dy and B tiles of each pipeline stage (counted at fp32 when upcast); with STORE_E, the e
-    tile's trip through shared memory for its store (a layout conversion), and the c and n vectors."""
+    """The dy and B tiles of each pipeline stage (counted at fp32 when upcast), the e tile's trip
+    through shared memory (a layout conversion; compiled with e stored or not), the c and n vectors."""
     operand = 4 if a["UPCAST"] else a["dy_ptr"].element_size()
     stages = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"] * operand
-    e_store = a["BLOCK_M"] * a["BLOCK_N"] * a["dy_ptr"].element_size() if a["STORE_E"] else 0
-    return stages + e_store + 8 * a["BLOCK_N"]
+    e_tile = a["BLOCK_M"] * a["BLOCK_N"] * a["dy_ptr"].element_size()
+    return stages + e_tile + 8 * a["BLOCK_N"]
 
 
 @autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_E", "PRECISION"],
