@@ -36,5 +36,10 @@ PINS=("torch==$TORCH" "triton==$TRITON" "numpy<2.4")
 echo "compat.sh: installed in $((SECONDS - start)) s"
 
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_module.py tests/test_kernels.py \
-    tests/test_routes.py tests/test_peft.py tests/test_backend.py tests/test_packaging.py tests/test_compile_report.py
+    tests/test_routes.py tests/test_peft.py tests/test_backend.py tests/test_packaging.py
+# the compile report on the oldest triton: every kernel and config compiles (wgmma where due). Spills
+# and shared-memory figures are the compiler's own: kernels/_spills.py and the estimates are
+# measured with the newest triton (.ci/run), and this one's ptxas differs (on a GPU, a config that
+# then does not fit fails to launch and the autotuner passes over it)
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_compile_report.py -k "every_kernel or every_config or wgmma"
 echo "compat.sh: done in $((SECONDS - start)) s"

@@ -445,6 +445,9 @@ def test_switched_model_pickles_and_copies_to_its_own_layers(tmp_path):
     assert rel(logits(loaded, ids), expected) == 0
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+                    reason="torch 2.7's Dynamo cannot trace transformers 5's Llama whole (its per-layer config "
+                           "iterator, _PerLayerConfigView.__next__): not fused_dora's code")
 def test_compiled_fullgraph_before_any_eager_call(monkeypatch):
     """The first call of a switched model may be a compiled one (nothing ran eagerly yet, so the
     kernels were never imported): the backend check runs while tracing, without a graph break."""
