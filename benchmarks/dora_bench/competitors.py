@@ -429,19 +429,21 @@ def build_peft_4bit(data: CaseData, use_dora: bool):
     return pm, layer
 
 
+def bump_versions(params) -> None:
+    """Stand-in for an optimizer step when it is excluded: adapters 'changed', so cached norms are stale."""
+    inc = getattr(torch.autograd.graph, "increment_version", None)
+    if inc is not None:
+        for p in params:
+            inc(p)
+    else:
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.0)
+
+
 def _bump(params) -> Callable[[], None]:
     """A pre-step standing in for the optimizer step: adapters 'changed', a cached norm is stale."""
-    inc = getattr(torch.autograd.graph, "increment_version", None)
-
-    def bump():
-        if inc is not None:
-            for p in params:
-                inc(p)
-        else:
-            with torch.no_grad():
-                for p in params:
-                    p.add_(0)
-    return bump
+    return lambda: bump_versions(params)
 
 
 @_registers(QUANT_LAYER_BUILDERS, "floor")

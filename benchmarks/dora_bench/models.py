@@ -128,13 +128,3 @@ def make_model_competitor(name: str, spec: ModelSpec, dev: torch.device, dtype: 
     return model, cfg
 
 
-def bump_versions(params) -> None:
-    """Stand-in for an optimizer step when it is excluded: adapters 'changed', so cached norms are stale."""
-    inc = getattr(torch.autograd.graph, "increment_version", None)
-    if inc is not None:
-        for p in params:
-            inc(p)
-    else:
-        with torch.no_grad():
-            for p in params:
-                p.add_(0.0)

@@ -11,11 +11,11 @@ from typing import Callable, Dict
 import torch
 
 from .cases import Case, ModelSpec
-from .competitors import Unavailable, build_competitor, competitors_for, make_call
+from .competitors import Unavailable, build_competitor, bump_versions, competitors_for, make_call
 from .inputs import make_data, quant_bytes
 from .instruments import Timer, cleanup, count_dense_temporaries, rel_err, saved_bytes, step_times, sync
 from .metrics import finish_row
-from .models import MODEL_COMPETITORS, bump_versions, fused_integrations, make_model_competitor
+from .models import MODEL_COMPETITORS, fused_integrations, make_model_competitor
 
 
 def guarded(measure: Callable[[], dict], dev: torch.device, verbose: bool) -> dict:
