@@ -405,7 +405,7 @@ def loop_figures(name: str, a: dict, sass: dict) -> dict:
     others = [lp for lp in sass["loops"] if not lp["main"]]
     trips = model.main(a)
     rank_trips = model.rank(a) if model.rank else 1
-    passes = 3 if a.get("PRECISION") == "tf32x3" else 1
+    passes = 3 if a.get("PRECISION") in ("tf32x3", "bf16x3") else 1
     tile = math.prod(a[k] for k in model.tile) * passes
     if main is None:
         return dict(trips=trips, instr=0, fma={}, loops=[], kstep=None, tile=tile)

@@ -55,28 +55,33 @@ def row_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     return dora_row_norm(weight, lora_A, lora_B, scaling)
 
 
-def forward_fused(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
+def forward_fused(x, weight, su_part, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool,
+                  out: torch.Tensor):
     """Route "fused": one Triton GEMM x @ W.T + su @ B.T with the DoRA epilogue; writes y into
-    ``out`` [M, N] (and a norm given as partial sums, finished, into ``norm_out``); returns q [M, N]
-    (store_q) or None."""
+    ``out`` [M, N], su (finished from lora_down's partial sums ``su_part``) into ``su`` [M, r], and
+    a norm given as partial sums, finished, into ``norm_out``; returns q [M, N] (store_q) or None."""
     from .kernels.forward import dora_forward
 
-    return dora_forward(x, weight, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out,
-                        norm_out=norm_out)[1]
+    return dora_forward(x, weight, su_part, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, out=out,
+                        norm_out=norm_out, su_out=su)[1]
 
 
-def forward_composed(x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool, out: torch.Tensor):
+def forward_composed(x, weight, su_part, su, lora_B, magnitude, norm, norm_out, bias, store_q: bool,
+                     out: torch.Tensor):
     """Route "composed": torch.mm writes x @ W.T into ``out`` [M, N], then one Triton pass adds
-    su @ B.T and applies the same epilogue in place; returns q [M, N] (store_q) or None."""
+    su @ B.T and applies the same epilogue in place (writing su and the norm as `forward_fused`);
+    returns q [M, N] (store_q) or None."""
     from .kernels.composed import dora_compose_epilogue
 
     with no_autocast(x.device):  # dora_linear already applied autocast's dtype
         torch.mm(x, weight.t(), out=out)
-    return dora_compose_epilogue(out, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q, norm_out=norm_out)
+    return dora_compose_epilogue(out, su_part, lora_B, magnitude, norm, bias, NORM_EPS, store_q=store_q,
+                                 norm_out=norm_out, su_out=su)
 
 
 def _scaled_grad_and_v(dy, magnitude, norm, lora_B):
-    """(e, v): e = dy * c [M, N] (dy's dtype) and v = e @ B [M, r] fp32, from one row pass over dy."""
+    """(e, v): e = dy * c [M, N] (dy's dtype) and v = e @ B (partial sums [S, M, r] fp32, summed by
+    their readers), from one row pass over dy."""
     from .kernels.input_grad import lora_up_grad
 
     e = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
@@ -134,8 +139,9 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
     if norm is None:
         norm = row_norm_partials(weight, lora_A, lora_B, scaling)
         norm_out = torch.empty((N,), dtype=torch.float32, device=x.device)
-    su = lora_down(x, lora_A, scaling, dropout_p, seed)
-    args = (x, weight, su, lora_B, magnitude, norm, norm_out, bias, store_q)
+    su_part = lora_down(x, lora_A, scaling, dropout_p, seed)
+    su = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)  # finished by either route's GEMM
+    args = (x, weight, su_part, su, lora_B, magnitude, norm, norm_out, bias, store_q)
     case = RouteCase("forward", x.device, x.dtype, lora_A.dtype, M, N, x.shape[1], R, dropout_p > 0, store_q)
     chosen = known_route(route, case)
     if chosen is None:  # "auto" has not timed this case yet: each route writes to a scratch y

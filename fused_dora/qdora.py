@@ -249,8 +249,9 @@ class DoraOverBaseFunction(torch.autograd.Function):
             su = torch.empty((0, lora_A.shape[0]), dtype=lora_A.dtype, device=x.device)
             q = base_out.new_empty((0, N)) if need_dmag else None
         else:
-            su = lora_down(x, lora_A, scaling, dropout_p, seed)
-            q = dora_compose_epilogue(y2d, su, lora_B, magnitude, norm, bias, NORM_EPS, store_q=need_dmag)
+            su = torch.empty((M, lora_A.shape[0]), dtype=lora_A.dtype, device=x.device)
+            q = dora_compose_epilogue(y2d, lora_down(x, lora_A, scaling, dropout_p, seed), lora_B, magnitude, norm,
+                                      bias, NORM_EPS, store_q=need_dmag, su_out=su)
         ctx.save_for_backward(x if need_da else None, lora_A, lora_B, magnitude, norm,
                               su if need_db else None, q if need_dmag else None)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed

@@ -6,6 +6,8 @@ adds to cuBLAS's result the same way.
 import triton
 import triton.language as tl
 
+from ._lora_dot import summed_slices
+
 # Output tiles (rows, columns), the reduction step, warps, stages. Large tiles first (for large M),
 # then narrow ones for small M (decode), which is memory-bound on W: many programs along N.
 GEMM_TILES = [
@@ -41,24 +43,25 @@ def gemm_interpreter_config(out_cols: str, reduction: str):
 
 
 @triton.jit
-def rank_steps(acc, left_ptr, right_ptr, rows, cols, row_ok, col_ok, R, stride_right_r, stride_right_c, dtype,
-               BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+def rank_steps(acc, left_ptr, right_ptr, rows, cols, row_ok, col_ok, R, left_slice_stride, stride_right_r,
+               stride_right_c, dtype, LEFT_SLICES: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
     """acc [BLOCK_M, BLOCK_C] fp32 + left[rows, :R] @ right[:R, cols]: the input gradient's LoRA
     term v @ A (left = v, right = A) in the fused dx GEMM and the composed dx pass. (The forward's
     su @ B.T steps are written out in forward.py and composed.py: addressing B.T's tile rank-major,
     as here, compiled to a 48 B spill in one sm_90 config of the composed epilogue.)
 
-    left [M, R] row-major (su or v, offset to the tile's first row); right addressed by
-    (rank, column) strides. Operands are cast to ``dtype`` (the activation dtype, as the base
-    product's), R walked in chunks of BLOCK_R with masked loads. Not software-pipelined
-    (num_stages=1): a few steps only, and pipelining them would hold extra fp32 tiles in shared
-    memory.
+    left: LEFT_SLICES partial sums [LEFT_SLICES, M, R] fp32, ``left_slice_stride`` elements apart,
+    row-major, offset to the tile's first row (lora_up_grad's v, summed here: _lora_dot.summed_slices);
+    right addressed by (rank, column) strides. Operands are cast to ``dtype`` (the activation
+    dtype, as the base product's), R walked in chunks of BLOCK_R with masked loads. Not
+    software-pipelined (num_stages=1): a few steps only, and pipelining them would hold extra
+    fp32 tiles in shared memory.
     """
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        left = tl.load(left_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
-                       other=0.0)
+        left = summed_slices(left_ptr, rows[:, None] * R + ranks[None, :], row_ok[:, None] & rank_ok[None, :],
+                             left_slice_stride, LEFT_SLICES)
         right = tl.load(right_ptr + ranks[:, None] * stride_right_r + cols[None, :] * stride_right_c,
                         mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(left.to(dtype), right.to(dtype), acc, input_precision=PRECISION)

@@ -44,14 +44,36 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype):
-    """(upcast, input_precision) for the small LoRA GEMMs (x@A.T, e@B, v.T@x, dy.T@u).
+    """(upcast, input_precision) for the small LoRA GEMMs (x@A.T, dy@(c*B), v.T@x, dy.T@su), see
+    _lora_dot.lora_dot.
 
     fp32 adapters over a 16-bit base (PEFT's default) keep fp32 accuracy there, as PEFT's own
-    fp32 LoRA path does: tiles are upcast and multiplied with 3xTF32 on tensor cores. These GEMMs
-    are memory-bound, so the extra passes cost little. Otherwise the activation dtype is used.
-    The LoRA steps fused into the two big GEMMs (s*u @ B.T in the forward, v @ A in dx) run in
-    the activation dtype, like the base product they are added to.
+    fp32 LoRA path does: over bf16 activations, "bf16x3" (the fp32 operand split into three bf16
+    parts, the activation tile used as loaded: exact products, three bf16 MMAs); over fp16, whose
+    values bf16 cannot hold, tiles are upcast and multiplied with 3xTF32 ("tf32x3"). Otherwise the
+    activation dtype is used. The LoRA steps fused into the two big GEMMs (s*u @ B.T in the
+    forward, v @ A in dx) run in the activation dtype, like the base product they are added to.
     """
     if adapter_dtype == torch.float32 and x_dtype != torch.float32:
-        return True, "tf32x3"
+        return True, "bf16x3" if x_dtype == torch.bfloat16 else "tf32x3"
     return False, dot_precision(x_dtype)
+
+
+# Slices of a split reduction start at multiples of this (a multiple of every config's reduction
+# block, and of 4 for the dropout mask's Philox groups); under the interpreter small, so that the
+# tests' small shapes are split too.
+SLICE_ALIGN = 32 if INTERPRET else 256
+
+
+def reduction_slices(length: int, base_programs: int, device: torch.device, splits=None):
+    """(S, per_slice): a reduction of ``length`` split into S slices of ``per_slice`` (a multiple of
+    SLICE_ALIGN; the last may be shorter, none empty) so that ``base_programs`` * S programs fill
+    the GPU (tuning.split_count: two per SM), each slice at least 2 * SLICE_ALIGN long on a GPU.
+    ``splits``: ask for S (fewer if ``length`` is too short)."""
+    from .tuning import split_count
+
+    if splits is None:
+        splits = split_count(base_programs, length, device, rows_per_split_min=SLICE_ALIGN if INTERPRET
+                             else 2 * SLICE_ALIGN)
+    per_slice = triton.cdiv(triton.cdiv(max(length, 1), splits), SLICE_ALIGN) * SLICE_ALIGN
+    return triton.cdiv(max(length, 1), per_slice), per_slice

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._launch import block_r, lora_precision, narrow_row_stride
+from ._lora_dot import lora_dot, summed_slices
 from .dropout import dropout_keep
 from .epilogue import magnitude_grad_rescale, magnitude_scale
 from .tuning import autotune, split_count
@@ -39,7 +40,8 @@ def _slice_bounds(M, m_splits):
 
 def _mag_b_smem_bytes(a) -> int:
     """The dy, q and su tiles of each pipeline stage (su counted at fp32)."""
-    return a["num_stages"] * a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"])
+    parts = 3 * a["BLOCK_M"] * a["BLOCK_R"] * 2 if a["PRECISION"] == "bf16x3" else 0  # su's bf16 parts
+    return a["num_stages"] * a["BLOCK_M"] * (2 * a["BLOCK_C"] * a["dy_ptr"].element_size() + 4 * a["BLOCK_R"]) + parts
 
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
@@ -83,7 +85,7 @@ def _magnitude_and_B_grad_kernel(
         if COMPUTE_B:
             su = tl.load(su_ptr + row0 * R + rows[:, None] * R + ranks[None, :],
                          mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-            db = tl.dot(tl.trans(dy.to(dtype)), su.to(dtype), db, input_precision=PRECISION)
+            db = lora_dot(tl.trans(dy), su, db, dtype, PRECISION)
     split = tl.program_id(2)
     if COMPUTE_MAG:
         if mag_here:
@@ -125,8 +127,9 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
 
 def _a_grad_smem_bytes(a) -> int:
     """The x tile (counted at fp32 when upcast) and the v tile (fp32) of each pipeline stage."""
-    xs = 4 if a["UPCAST"] else a["x_ptr"].element_size()
-    return a["num_stages"] * a["BLOCK_M"] * (a["BLOCK_C"] * xs + 4 * a["BLOCK_R"])
+    xs = 4 if a["UPCAST"] and a["PRECISION"] != "bf16x3" else a["x_ptr"].element_size()
+    parts = 3 * a["BLOCK_M"] * a["BLOCK_R"] * 2 if a["PRECISION"] == "bf16x3" else 0  # v's bf16 parts
+    return a["num_stages"] * a["BLOCK_M"] * (a["BLOCK_C"] * xs + 4 * a["BLOCK_R"]) + parts
 
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
@@ -134,12 +137,12 @@ def _a_grad_smem_bytes(a) -> int:
           smem_bytes=_a_grad_smem_bytes, case_dtypes=("x_ptr", None))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_A_grad_kernel(
-    v_ptr, x_ptr, da_ptr,                 # v [M, R] fp32 contiguous; x [M, K]; da [S, R, K] fp32
+    v_ptr, x_ptr, da_ptr,                 # v [V_SLICES, M, R] fp32 (summed); x [M, K]; da [S, R, K] fp32
     M, K, R,
     m_splits,                             # S, the slices of M reduced in parallel
     stride_xm, stride_xk,
     seed, p,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, V_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -158,14 +161,15 @@ def _lora_A_grad_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         row0 = first + (m0 - m_begin)
         row_ok = rows < m_end - m0
-        v_t = tl.load(v_ptr + row0 * R + ranks[:, None] + rows[None, :] * R, mask=rank_ok[:, None] & row_ok[None, :],
-                      other=0.0)
+        v_t = summed_slices(v_ptr + row0 * R, ranks[:, None] + rows[None, :] * R, rank_ok[:, None] & row_ok[None, :],
+                            M * R, V_SLICES)
         x = tl.load(x_ptr + row0 * stride_xm + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:  # regenerate the forward's mask
-            keep = dropout_keep(seed, row0 + rows, tl.program_id(0) * BLOCK_C, p, BLOCK_C)
-            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
-        da = tl.dot(v_t.to(dtype), x.to(dtype), da, input_precision=PRECISION)
+        if HAS_DROPOUT:  # the forward's mask, in x's dtype (exact); 1 / (1 - p) after the loop
+            x = tl.where(dropout_keep(seed, row0 + rows, tl.program_id(0) * BLOCK_C, p, BLOCK_C), x, 0.0)
+        da = lora_dot(v_t, x, da, dtype, PRECISION)
+    if HAS_DROPOUT:
+        da = da / (1.0 - p)
     split = tl.program_id(2)
     tl.store(da_ptr + split * R * K + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
 
@@ -175,13 +179,14 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
     """dA_raw partials [S, r, K] fp32, S slices of M; summed over S: v.T @ dropout(x), with the
     forward's mask for ``seed``.
 
-    v [M, r] fp32 contiguous, x [M, K] (any strides). splits, adapter_dtype: as for
-    magnitude_and_B_grad_partials.
+    v: lora_up_grad's partial sums [S_v, M, r] fp32 (or v [M, r] fp32), summed here; x [M, K] (any
+    strides). splits, adapter_dtype: as for magnitude_and_B_grad_partials.
     """
     x = narrow_row_stride(x)
     M, K = x.shape
     upcast, precision = lora_precision(x.dtype, adapter_dtype)
-    R = v.shape[1]
+    v = v if v.dim() == 3 else v.unsqueeze(0)
+    R = v.shape[2]
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR)
     splits = splits or split_count(triton.cdiv(K, 64) * r_chunks, M, x.device)
@@ -189,7 +194,7 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
     _lora_A_grad_kernel[grid](
         v, x, da, M, K, R, splits, x.stride(0), x.stride(1), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
+        HAS_DROPOUT=dropout_p > 0, V_SLICES=v.shape[0], BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return da
 

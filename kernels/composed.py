@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._gemm import rank_steps
 from ._launch import dot_precision, gemm_block_r
+from ._lora_dot import finished_su
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
 from .tuning import autotune, m_bucket
@@ -50,7 +51,8 @@ def _tile_smem_bytes(a) -> int:
           restore_value=("out_ptr",))  # y is read, then rewritten in place
 @triton.jit
 def _dora_compose_epilogue_kernel(
-    out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [M, R], B = lora_ptr [N, R]
+    out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [SU_SLICES, M, R] (summed), B = lora_ptr [N, R]
+    su_out_ptr,                          # su [M, R] finished, the adapters' dtype (if STORE_SU)
     mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
     norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
     q_ptr,                               # q [M, N] (y's dtype; if STORE_Q)
@@ -59,11 +61,13 @@ def _dora_compose_epilogue_kernel(
     stride_bn, stride_br,
     norm_eps,
     HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
+    SU_SLICES: tl.constexpr, STORE_SU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * N may pass 2**31
     out_ptr += row0 * N
     su_ptr += row0 * R
+    su_out_ptr += row0 * R
     q_ptr += row0 * N
     rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     outs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -78,7 +82,8 @@ def _dora_compose_epilogue_kernel(
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        su = finished_su(su_ptr, su_out_ptr, rows, ranks, row_ok, rank_ok, M, R, tl.program_id(1) == 0, SU_SLICES,
+                         STORE_SU)
         b_t = tl.load(lora_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
         acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
@@ -87,25 +92,26 @@ def _dora_compose_epilogue_kernel(
 
 
 def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
-                          norm_out: Optional[torch.Tensor] = None):
+                          norm_out: Optional[torch.Tensor] = None, su_out: Optional[torch.Tensor] = None):
     """q [M, N] or None; y [M, N] (contiguous, holding x @ W.T) becomes, in place,
     c * (x @ W.T + su @ lora_B.T) + bias, with c = magnitude / max(n, norm_eps).
 
-    su [M, r] contiguous (lora_down's), lora_B [N, r], magnitude [N], bias [N] or None; norm and
-    norm_out as for forward.dora_forward. With store_q, q = (x @ W.T + su @ lora_B.T) * t as
-    forward.dora_forward returns it.
+    su and su_out (lora_down's partial sums, finished here), lora_B [N, r], magnitude [N], bias [N]
+    or None; norm and norm_out as for forward.dora_forward. With store_q, q = (x @ W.T + su @
+    lora_B.T) * t as forward.dora_forward returns it.
     """
     M, N = y.shape
-    R = su.shape[1]
+    su = su if su.dim() == 3 else su.unsqueeze(0)
+    R = su.shape[2]
     q = torch.empty((M, N), dtype=y.dtype, device=y.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_C"]))
     norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_compose_epilogue_kernel[grid](
-        y, su, lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        y, su, lora_B, su_out if su_out is not None else lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
         norm, norm_out, q if store_q else y,
         M, N, R, m_bucket(M), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, BLOCK_R=gemm_block_r(R),
-        PRECISION=dot_precision(y.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, SU_SLICES=su.shape[0],
+        STORE_SU=su_out is not None, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(y.dtype),
     )
     return q
 
@@ -117,12 +123,12 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
           restore_value=("out_ptr",))  # dx += ..., in place
 @triton.jit(do_not_specialize=["seed"])
 def _add_lora_input_grad_kernel(
-    out_ptr, v_ptr, lora_ptr,            # dx [M, K] (in: e @ W; out: dx), v [M, R] fp32, A = lora_ptr [R, K]
+    out_ptr, v_ptr, lora_ptr,            # dx [M, K] (in: e @ W; out: dx), v [V_SLICES, M, R] fp32 (summed), A = lora_ptr [R, K]
     M, K, R,
     m_bucket,                            # autotune key only
     stride_ar, stride_ak,
     scaling, seed, p,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, V_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * K may pass 2**31
@@ -136,8 +142,8 @@ def _add_lora_input_grad_kernel(
     dtype = out_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    acc = rank_steps(acc, v_ptr, lora_ptr, rows, cols, row_ok, col_ok, R, stride_ar, stride_ak, dtype,
-                     BLOCK_R, PRECISION)  # v @ A, as the fused GEMM
+    acc = rank_steps(acc, v_ptr, lora_ptr, rows, cols, row_ok, col_ok, R, M * R, stride_ar, stride_ak, dtype,
+                     V_SLICES, BLOCK_R, PRECISION)  # v @ A, as the fused GEMM
     if HAS_DROPOUT:  # the forward's mask, the same 1/(1-p)
         keep = dropout_keep(seed, row0 + rows, col0, p, BLOCK_C)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
@@ -150,14 +156,16 @@ def _add_lora_input_grad_kernel(
 def add_lora_input_grad(dx, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0) -> None:
     """dx [M, K] += scaling * dropout_bwd(v @ lora_A), in place.
 
-    dx [M, K] contiguous (holding (dy * c) @ W), v [M, r] fp32 contiguous (lora_up_grad's),
-    lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed`` with the 1/(1-p) scale.
+    dx [M, K] contiguous (holding (dy * c) @ W), v: lora_up_grad's partial sums [S, M, r] fp32
+    (or v [M, r] fp32), summed here; lora_A [r, K]. dropout_bwd re-applies the forward's mask for
+    ``seed`` with the 1/(1-p) scale.
     """
     M, K = dx.shape
-    R = v.shape[1]
+    v = v if v.dim() == 3 else v.unsqueeze(0)
+    R = v.shape[2]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_C"]))
     _add_lora_input_grad_kernel[grid](
         dx, v, lora_A, M, K, R, m_bucket(M), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(dx.dtype),
+        HAS_DROPOUT=dropout_p > 0, V_SLICES=v.shape[0], BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(dx.dtype),
     )

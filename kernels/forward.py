@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
-from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride
+from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride, reduction_slices
+from ._lora_dot import finished_su, lora_dot
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
 from .tuning import autotune, m_bucket
@@ -30,19 +31,21 @@ _DOWN_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})
 
 def _down_smem_bytes(a) -> int:
     """The x and A tiles of each pipeline stage (counted at fp32 when upcast), and with dropout and
-    upcast the fp32 copy of x that the dot reads."""
+    upcast the fp32 copy of x that the dot reads (bf16x3: x's own, and A's three bf16 parts)."""
     stage = (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"] * (4 if a["UPCAST"] else a["x_ptr"].element_size())
     dropped = a["BLOCK_M"] * a["BLOCK_K"] * 4 if a["UPCAST"] and a["HAS_DROPOUT"] else 0
-    return a["num_stages"] * stage + dropped
+    parts = 3 * a["BLOCK_R"] * a["BLOCK_K"] * 2 if a["PRECISION"] == "bf16x3" else 0
+    return a["num_stages"] * stage + dropped + parts
 
 
-@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "HAS_DROPOUT", "PRECISION"],
+@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "k_splits", "HAS_DROPOUT", "PRECISION"],
           smem_bytes=_down_smem_bytes, case_dtypes=("x_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
-    x_ptr, lora_a_ptr, su_ptr,           # x [M, K], A [R, K], su [M, R] (A's dtype)
+    x_ptr, lora_a_ptr, su_ptr,           # x [M, K], A [R, K], su partial sums [k_splits, M, R] fp32
     M, K, R,
     m_bucket,                            # autotune key only
+    k_splits, k_per_split,               # the slices of K reduced in parallel (program_id(2)), their length
     stride_xm, stride_xk, stride_ar, stride_ak,
     scaling, seed, p,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -53,45 +56,49 @@ def _lora_down_kernel(
         dtype = tl.float32
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
     x_ptr += row0 * stride_xm
-    su_ptr += row0 * R
+    su_ptr += tl.program_id(2).to(tl.int64) * M * R + row0 * R
     rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M - row0
     rank_ok = ranks < R
+    k_begin = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
+        col_ok = cols < k_end
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, row0 + rows, k0, p, BLOCK_K)
-            x = tl.where(keep, x.to(tl.float32) / (1.0 - p), 0.0)
+        if HAS_DROPOUT:  # dropped elements zeroed in x's dtype (exact); 1 / (1 - p) after the loop
+            x = tl.where(dropout_keep(seed, row0 + rows, k0, p, BLOCK_K), x, 0.0)
         a_t = tl.load(lora_a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                       mask=rank_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = tl.dot(x.to(dtype), a_t.to(dtype), acc, input_precision=PRECISION)
-    # scaled here, then rounded once to the adapters' dtype (as PEFT rounds lora_A's output): with
-    # 16-bit adapters su is saved for the backward at the size of PEFT LoRA's [M, r]
-    tl.store(su_ptr + rows[:, None] * R + ranks[None, :], (acc * scaling).to(su_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & rank_ok[None, :])
+        acc = lora_dot(x, a_t, acc, dtype, PRECISION)
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - p)
+    tl.store(su_ptr + rows[:, None] * R + ranks[None, :], acc * scaling, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: float = 0.0,
-              seed: int = 0) -> torch.Tensor:
-    """su [M, r] = scaling * dropout(x) @ lora_A.T in lora_A's dtype (accumulated in fp32).
+              seed: int = 0, splits: Optional[int] = None) -> torch.Tensor:
+    """su partial sums [S, M, r] fp32, S slices of K: summed in order (_lora_dot.summed_slices, as
+    the forward GEMMs do) and rounded to lora_A's dtype, su = scaling * dropout(x) @ lora_A.T.
 
     x [M, K] (any strides; fp16/bf16/fp32), lora_A [r, K] (fp32 or x's dtype).
-    dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale.
+    dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale. ``splits`` asks for
+    S (default: enough to fill the GPU, see _launch.reduction_slices).
     """
     x = narrow_row_stride(x)
     M, K = x.shape
     R = lora_A.shape[0]
-    su = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
     BR = block_r(R)
+    r_chunks = triton.cdiv(R, BR)
+    k_splits, k_per_split = reduction_slices(K, triton.cdiv(M, 64) * r_chunks, x.device, splits)
+    su = torch.empty((k_splits, M, R), dtype=torch.float32, device=x.device)
     upcast, precision = lora_precision(x.dtype, lora_A.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, k_splits)
     _lora_down_kernel[grid](
-        x, lora_A, su, M, K, R, m_bucket(M),
+        x, lora_A, su, M, K, R, m_bucket(M), k_splits, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
@@ -112,7 +119,8 @@ def _forward_smem_bytes(a) -> int:
           smem_bytes=_forward_smem_bytes, case_dtypes=("x_ptr", "lora_b_ptr"))
 @triton.jit
 def _dora_forward_kernel(
-    x_ptr, w_ptr, su_ptr, lora_b_ptr,    # x [M, K], W [N, K] (x's dtype), su [M, R], B [N, R]
+    x_ptr, w_ptr, su_ptr, lora_b_ptr,    # x [M, K], W [N, K] (x's dtype), su [SU_SLICES, M, R] (summed), B [N, R]
+    su_out_ptr,                          # su [M, R] finished, the adapters' dtype (if STORE_SU)
     mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
     norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
     y_ptr, q_ptr,                        # y, q [M, N] (x's dtype; q if STORE_Q)
@@ -121,6 +129,7 @@ def _dora_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
     HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
+    SU_SLICES: tl.constexpr, STORE_SU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -128,6 +137,7 @@ def _dora_forward_kernel(
     row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
     x_ptr += row0 * stride_xm
     su_ptr += row0 * R
+    su_out_ptr += row0 * R
     y_ptr += row0 * N
     q_ptr += row0 * N
     rows = tl.arange(0, BLOCK_M)         # within the tile: 32-bit offsets (fewer registers)
@@ -150,7 +160,7 @@ def _dora_forward_kernel(
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_ok = ranks < R
-        su = tl.load(su_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        su = finished_su(su_ptr, su_out_ptr, rows, ranks, row_ok, rank_ok, M, R, pid_n == 0, SU_SLICES, STORE_SU)
         b_t = tl.load(lora_b_ptr + outs[None, :] * stride_bn + ranks[:, None] * stride_br,
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
         acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
@@ -162,10 +172,13 @@ def _dora_forward_kernel(
 
 
 def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
-                 out: Optional[torch.Tensor] = None, norm_out: Optional[torch.Tensor] = None):
+                 out: Optional[torch.Tensor] = None, norm_out: Optional[torch.Tensor] = None,
+                 su_out: Optional[torch.Tensor] = None):
     """y [M, N] (x's dtype) = c * (x @ weight.T + su @ lora_B.T) + bias.
 
-    x [M, K] (any strides), weight [N, K] (x's dtype), su [M, r] contiguous (lora_down's),
+    x [M, K] (any strides), weight [N, K] (x's dtype), su: lora_down's partial sums [S, M, r] fp32
+    (or a finished su [M, r]), summed and rounded to the adapters' dtype (``su_out``'s, else
+    lora_B's) by the GEMM, which writes the result to ``su_out`` [M, r] contiguous if given;
     lora_B [N, r], magnitude [N], bias [N] or None; norm: n [N] fp32, or the norm pass's partial
     sums [splits, N] (norm.row_norm_partials), which the epilogue finishes into ``norm_out`` [N]
     fp32; the column scale c = magnitude / max(n, norm_eps) is formed in the epilogue too (no
@@ -177,18 +190,20 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     x = narrow_row_stride(x)
     M, K = x.shape
     N = weight.shape[0]
-    R = su.shape[1]
+    su = su if su.dim() == 3 else su.unsqueeze(0)
+    R = su.shape[2]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_forward_kernel[grid](
-        x, weight, su, lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        x, weight, su, lora_B, su_out if su_out is not None else lora_B,  # lora_B: a dummy of the dtype
+        magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
         norm, norm_out, y, q if store_q else y,
         M, N, K, R, m_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
-        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, BLOCK_R=gemm_block_r(R),
-        PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, SU_SLICES=su.shape[0],
+        STORE_SU=su_out is not None, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(x.dtype),
     )
     return y, q

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile, rank_steps
-from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride
+from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride, reduction_slices
+from ._lora_dot import lora_dot
 from .dropout import dropout_keep
 from .epilogue import magnitude_scale
 from .tuning import autotune, m_bucket
@@ -30,22 +31,25 @@ _ROWPASS_INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})
 
 def _up_grad_smem_bytes(a) -> int:
     """The dy and B tiles of each pipeline stage (counted at fp32 when upcast), the e tile's trip
-    through shared memory (a layout conversion; compiled with e stored or not), the c and n vectors."""
+    through shared memory (a layout conversion; compiled with e stored or not), bf16x3's parts of
+    c * B, the c and n vectors."""
     operand = 4 if a["UPCAST"] else a["dy_ptr"].element_size()
     stages = a["num_stages"] * (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_N"] * operand
     e_tile = a["BLOCK_M"] * a["BLOCK_N"] * a["dy_ptr"].element_size()
-    return stages + e_tile + 8 * a["BLOCK_N"]
+    parts = 3 * a["BLOCK_R"] * a["BLOCK_N"] * 2 if a["PRECISION"] == "bf16x3" else 0  # c * B's bf16 parts
+    return stages + e_tile + parts + 8 * a["BLOCK_N"]
 
 
-@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "STORE_E", "PRECISION"],
+@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "n_splits", "STORE_E", "PRECISION"],
           smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
-    dy_ptr, lora_b_ptr, v_ptr,             # dy [M, N], B [N, R], v [M, R] fp32
+    dy_ptr, lora_b_ptr, v_ptr,             # dy [M, N], B [N, R], v partial sums [n_splits, M, R] fp32
     mag_ptr, norm_ptr,                     # magnitude [N], norm [N] fp32: c = g / max(n, eps)
     e_ptr,                                 # e [M, N] (dy's dtype; if STORE_E)
     M, N, R,
     m_bucket,                              # autotune key only
+    n_splits, n_per_split,                 # the slices of N reduced in parallel (program_id(2)), their length
     stride_dym, stride_dyn, stride_bn, stride_br,
     norm_eps,
     STORE_E: tl.constexpr,
@@ -54,7 +58,7 @@ def _lora_up_grad_kernel(
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_M  # 64-bit: M * stride may pass 2**31
     dy_ptr += row0 * stride_dym
-    v_ptr += row0 * R
+    v_ptr += tl.program_id(2).to(tl.int64) * M * R + row0 * R
     e_ptr += row0 * N
     rows = tl.arange(0, BLOCK_M)                    # within the tile: 32-bit offsets
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -63,42 +67,50 @@ def _lora_up_grad_kernel(
     dtype = dy_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
         dtype = tl.float32
+    n_begin = tl.program_id(2) * n_per_split
+    n_end = tl.minimum(n_begin + n_per_split, N)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_begin, n_end, BLOCK_N):
         outs = n0 + tl.arange(0, BLOCK_N)
-        out_ok = outs < N
+        out_ok = outs < n_end
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + outs[None, :] * stride_dyn,
                      mask=row_ok[:, None] & out_ok[None, :], other=0.0)
         mag_scale, _ = magnitude_scale(mag_ptr, norm_ptr, outs, out_ok, norm_eps)  # the forward's c, bit for bit
-        e = dy.to(tl.float32) * mag_scale[None, :]
         if STORE_E:  # for the dx GEMM (Triton or cuBLAS); the first rank chunk's programs write it
             if tl.program_id(1) == 0:
+                e = dy.to(tl.float32) * mag_scale[None, :]
                 tl.store(e_ptr + rows[:, None] * N + outs[None, :], e.to(e_ptr.dtype.element_ty),
                          mask=row_ok[:, None] & out_ok[None, :])
         b = tl.load(lora_b_ptr + outs[:, None] * stride_bn + ranks[None, :] * stride_br,
                     mask=out_ok[:, None] & rank_ok[None, :], other=0.0)
-        acc = tl.dot(e.to(dtype), b.to(dtype), acc, input_precision=PRECISION)
+        # (dy * c) @ B as dy @ (c * B): c scales the small [BLOCK_N, BLOCK_R] tile, and dy goes to
+        # the MMA as loaded (exact in bf16: see _lora_dot)
+        acc = lora_dot(dy, b.to(tl.float32) * mag_scale[:, None], acc, dtype, PRECISION)
     tl.store(v_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 def lora_up_grad(dy: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, lora_B: torch.Tensor,
-                 norm_eps: float, e_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """v [M, r] fp32 = (dy * c) @ lora_B, c = magnitude / max(norm, norm_eps) per column.
+                 norm_eps: float, e_out: Optional[torch.Tensor] = None, splits: Optional[int] = None) -> torch.Tensor:
+    """v partial sums [S, M, r] fp32, S slices of N; summed in order (_lora_dot.summed_slices, as
+    their readers do), v = (dy * c) @ lora_B, c = magnitude / max(norm, norm_eps) per column.
 
     dy [M, N] (any strides, the activation dtype), magnitude [N], norm [N] fp32, lora_B [N, r].
     ``e_out``: a contiguous [M, N] tensor of dy's dtype that also receives e = dy * c (the input
-    of both routes' dx GEMM), from the same pass over dy.
+    of both routes' dx GEMM), from the same pass over dy. ``splits`` asks for S (default: enough
+    to fill the GPU, see _launch.reduction_slices).
     """
     dy = narrow_row_stride(dy)
     M, N = dy.shape
     R = lora_B.shape[1]
-    v = torch.empty((M, R), dtype=torch.float32, device=dy.device)
     BR = block_r(R)
+    r_chunks = triton.cdiv(R, BR)
+    n_splits, n_per_split = reduction_slices(N, triton.cdiv(M, 64) * r_chunks, dy.device, splits)
+    v = torch.empty((n_splits, M, R), dtype=torch.float32, device=dy.device)
     upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, BR))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, n_splits)
     _lora_up_grad_kernel[grid](
         dy, lora_B, v, magnitude.contiguous(), norm.float().contiguous(), e_out if e_out is not None else v,
-        M, N, R, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
+        M, N, R, m_bucket(M), n_splits, n_per_split, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
         STORE_E=e_out is not None, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return v
@@ -125,12 +137,12 @@ def _input_grad_smem_bytes(a) -> int:
 @triton.jit(do_not_specialize=["seed"])
 def _dora_input_grad_kernel(
     e_ptr, w_ptr,                        # e = dy * c [M, N] contiguous, W [N, K] (e's dtype)
-    v_ptr, lora_a_ptr, dx_ptr,           # v [M, R] fp32, A [R, K], dx [M, K] (e's dtype)
+    v_ptr, lora_a_ptr, dx_ptr,           # v [V_SLICES, M, R] fp32 (summed), A [R, K], dx [M, K] (e's dtype)
     M, N, K, R,
     m_bucket,                            # autotune key only
     stride_wn, stride_wk, stride_ar, stride_ak,
     scaling, seed, p,
-    HAS_DROPOUT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, V_SLICES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -157,8 +169,8 @@ def _dora_input_grad_kernel(
     if HAS_DROPOUT:
         keep = dropout_keep(seed, row0 + rows, col0, p, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc = rank_steps(acc, v_ptr, lora_a_ptr, rows, cols, row_ok, col_ok, R, stride_ar, stride_ak, dtype,
-                     BLOCK_R, PRECISION)  # v @ A
+    acc = rank_steps(acc, v_ptr, lora_a_ptr, rows, cols, row_ok, col_ok, R, M * R, stride_ar, stride_ak, dtype,
+                     V_SLICES, BLOCK_R, PRECISION)  # v @ A
     if HAS_DROPOUT:  # the forward's mask, the same 1/(1-p)
         acc = tl.where(keep, acc / (1.0 - p), 0.0)
     acc *= scaling
@@ -183,18 +195,20 @@ def _dora_input_grad_kernel(
 def dora_input_grad(e, weight, v, lora_A, scaling: float, dropout_p: float = 0.0, seed: int = 0):
     """dx [M, K] (e's dtype) = e @ weight + scaling * dropout_bwd(v @ lora_A).
 
-    e [M, N] contiguous (dy * c, as lora_up_grad writes it), weight [N, K] (e's dtype), v [M, r]
-    fp32 contiguous, lora_A [r, K]. dropout_bwd re-applies the forward's mask for ``seed``.
+    e [M, N] contiguous (dy * c, as lora_up_grad writes it), weight [N, K] (e's dtype), v:
+    lora_up_grad's partial sums [S, M, r] fp32 (or v [M, r] fp32), summed here; lora_A [r, K].
+    dropout_bwd re-applies the forward's mask for ``seed``.
     """
     M, N = e.shape
     K = weight.shape[1]
-    R = v.shape[1]
+    v = v if v.dim() == 3 else v.unsqueeze(0)
+    R = v.shape[2]
     dx = torch.empty((M, K), dtype=e.dtype, device=e.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
     _dora_input_grad_kernel[grid](
         e, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(e.dtype),
+        HAS_DROPOUT=dropout_p > 0, V_SLICES=v.shape[0], BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(e.dtype),
     )
     return dx

@@ -124,3 +124,56 @@ def test_allocations_are_nan_poisoned_in_tests():
     assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2)).isnan().all()
     assert torch.ones(1).new_empty(4).isnan().all()
     assert (torch.empty(2, dtype=torch.int32) != 0).all()
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.float32), (torch.float16, torch.float16)],
+                         ids=["bf16x3", "tf32x3", "fp32", "fp16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_light_passes_match_fp64_in_each_precision(dtype, adapter_dtype, p):
+    """lora_down, lora_up_grad (and its e), lora_A_grad and the B / magnitude column pass against
+    float64 of the same (rounded) inputs, in the precision each dtype pair takes
+    (_launch.lora_precision); bf16 activations run only here under the interpreter (its bf16 tl.dot
+    is wrong, _lora_dot multiplies the exact bf16 parts in fp32 there)."""
+    from fused_dora.kernels._launch import lora_precision
+    from fused_dora.kernels.dropout import dropout_mask
+
+    g = torch.Generator().manual_seed(11)
+    M, Kdim, N, r, s, seed = 70, 90, 95, 20, 0.7, 5  # K and N: three slices of 32, 32 and 26 or 31
+    x = torch.randn(M, Kdim, generator=g).to(dtype)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    lora_A = (0.1 * torch.randn(r, Kdim, generator=g)).to(adapter_dtype)
+    lora_B = (0.1 * torch.randn(N, r, generator=g)).to(adapter_dtype)
+    mag, norm = torch.rand(N, generator=g) + 0.5, torch.rand(N, generator=g) + 1.0
+    v = torch.randn(M, r, generator=g)
+    su_in = torch.randn(M, r, generator=g).to(adapter_dtype)
+    xd = x.double() * dropout_mask(seed, M, Kdim, p, "cpu").double() / (1 - p) if p else x.double()
+    c = mag.double() / norm.double()
+    # fp32 accuracy wherever an operand is fp32 (products exact, fp32 sums); 16-bit adapters round
+    # their [M, r] and [N, r] operands to 16 bits
+    tol = 1e-6 if adapter_dtype == torch.float32 else 3e-3
+    assert lora_precision(dtype, adapter_dtype)[1] == {(torch.bfloat16, torch.float32): "bf16x3",
+                                                       (torch.float16, torch.float32): "tf32x3"}.get(
+        (dtype, adapter_dtype), lora_precision(dtype, adapter_dtype)[1])
+
+    for splits in (1, 3):  # K and N split in slices (partial sums): the grid fills the GPU at any M
+        su = forward.lora_down(x, lora_A, s, p, seed, splits=splits)
+        assert su.shape == (splits, M, r) and su.dtype == torch.float32
+        assert rel_err(su.sum(0), s * xd @ lora_A.double().T) < tol
+        e = torch.empty(M, N, dtype=dtype)
+        got_v = input_grad.lora_up_grad(dy, mag, norm, lora_B, 1e-12, e_out=e, splits=splits)
+        assert got_v.shape == (splits, M, r)
+        assert rel_err(got_v.sum(0), (dy.double() * c) @ lora_B.double()) < tol
+    if dtype == torch.bfloat16:  # the interpreter rounds fp32 to bf16 toward zero (GPUs: to nearest)
+        assert ((e.double() - dy.double() * c).abs() <= 2**-7 * (dy.double() * c).abs()).all()
+    else:
+        assert torch.equal(e, (dy.float() * (mag / norm)).to(dtype))
+    da = adapter_grads.lora_A_grad_partials(v, x, p, seed, splits=2, adapter_dtype=adapter_dtype).sum(0)
+    assert rel_err(da, v.double().T @ xd) < tol
+    sliced = adapter_grads.lora_A_grad_partials(got_v, x, p, seed, splits=2, adapter_dtype=adapter_dtype).sum(0)
+    assert rel_err(sliced, got_v.double().sum(0).T @ xd) < tol  # v's slices summed as it is read
+    q = torch.randn(M, N, generator=g).to(dtype)
+    dmag, db = adapter_grads.magnitude_and_B_grad_partials(dy, q, su_in, True, True, splits=3,
+                                                           adapter_dtype=adapter_dtype)
+    assert rel_err(db.sum(0), dy.double().T @ su_in.double()) < tol
+    assert rel_err(dmag.sum(0), (dy.double() * q.double()).sum(0)) < 1e-6

@@ -97,7 +97,8 @@ def test_launchers_of_the_composed_passes_vs_fp64():
     e = torch.empty(M, N)
     v = input_grad.lora_up_grad(dy, t["magnitude"], norm, t["lora_B"], 1e-12, e_out=e)
     torch.testing.assert_close(e, dy * scale)
-    assert rel_err(v, (dy.double() * scale.double()) @ t["lora_B"].double()) < 1e-5
+    assert v.dim() == 3  # partial sums over slices of N, summed by the passes that read them
+    assert rel_err(v.sum(0), (dy.double() * scale.double()) @ t["lora_B"].double()) < 1e-5
 
     su = torch.randn(M, r)
     y = (t["x"] @ t["weight"].T).contiguous()
