@@ -51,7 +51,8 @@ def _tile_smem_bytes(a) -> int:
           restore_value=("out_ptr",))  # y is read, then rewritten in place
 @triton.jit
 def _dora_compose_epilogue_kernel(
-    out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [SU_SLICES, M, R] (summed), B = lora_ptr [N, R]
+    out_ptr, su_ptr, lora_ptr,           # y [M, N] (in: x @ W.T; out: y), su [SU_SLICES, M, R] (summed),
+                                         # B = lora_ptr [N, R]
     su_out_ptr,                          # su [M, R] finished, the adapters' dtype (if STORE_SU)
     mag_ptr, bias_ptr,                   # magnitude [N], bias [N] (if HAS_BIAS)
     norm_ptr, norm_out_ptr,              # n [N], or partial sums [NORM_SPLITS, N] finished into norm_out [N]
@@ -107,7 +108,8 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_C"]))
     norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_compose_epilogue_kernel[grid](
-        y, su, lora_B, su_out if su_out is not None else lora_B, magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
+        y, su, lora_B, su_out if su_out is not None else lora_B,  # lora_B: a dummy of the dtype
+        magnitude.contiguous(), bias.contiguous() if bias is not None else norm,
         norm, norm_out, q if store_q else y,
         M, N, R, m_bucket(M), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
         HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, SU_SLICES=su.shape[0],
@@ -123,7 +125,8 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
           restore_value=("out_ptr",))  # dx += ..., in place
 @triton.jit(do_not_specialize=["seed"])
 def _add_lora_input_grad_kernel(
-    out_ptr, v_ptr, lora_ptr,            # dx [M, K] (in: e @ W; out: dx), v [V_SLICES, M, R] fp32 (summed), A = lora_ptr [R, K]
+    out_ptr, v_ptr, lora_ptr,            # dx [M, K] (in: e @ W; out: dx), v [V_SLICES, M, R] fp32 (summed),
+                                         # A = lora_ptr [R, K]
     M, K, R,
     m_bucket,                            # autotune key only
     stride_ar, stride_ak,

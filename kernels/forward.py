@@ -38,7 +38,8 @@ def _down_smem_bytes(a) -> int:
     return a["num_stages"] * stage + dropped + parts
 
 
-@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG, key=["m_bucket", "K", "R", "k_splits", "HAS_DROPOUT", "PRECISION"],
+@autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG,
+          key=["m_bucket", "K", "R", "k_splits", "HAS_DROPOUT", "PRECISION"],
           smem_bytes=_down_smem_bytes, case_dtypes=("x_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(

@@ -40,7 +40,8 @@ def _up_grad_smem_bytes(a) -> int:
     return stages + e_tile + parts + 8 * a["BLOCK_N"]
 
 
-@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG, key=["m_bucket", "N", "R", "n_splits", "STORE_E", "PRECISION"],
+@autotune(_ROWPASS_GPU_CONFIGS, _ROWPASS_INTERPRETER_CONFIG,
+          key=["m_bucket", "N", "R", "n_splits", "STORE_E", "PRECISION"],
           smem_bytes=_up_grad_smem_bytes, case_dtypes=("dy_ptr", "lora_b_ptr"))
 @triton.jit
 def _lora_up_grad_kernel(
@@ -110,7 +111,8 @@ def lora_up_grad(dy: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, n_splits)
     _lora_up_grad_kernel[grid](
         dy, lora_B, v, magnitude.contiguous(), norm.float().contiguous(), e_out if e_out is not None else v,
-        M, N, R, m_bucket(M), n_splits, n_per_split, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), float(norm_eps),
+        M, N, R, m_bucket(M), n_splits, n_per_split, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(norm_eps),
         STORE_E=e_out is not None, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return v
