@@ -176,10 +176,10 @@ class LoopModel:
 LOOPS = {
     "_row_sumsq_kernel": LoopModel(lambda a: cdiv(cdiv(a["K"], a["BLOCK_K"]), a["k_splits"]),
                                    ("BLOCK_N", "BLOCK_K", "BLOCK_R"), lambda a: cdiv(a["R"], a["BLOCK_R"]), True),
-    "_lora_down_kernel": LoopModel(lambda a: cdiv(a["K"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_R", "BLOCK_K")),
+    "_lora_down_kernel": LoopModel(lambda a: cdiv(a["k_per_split"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_R", "BLOCK_K")),
     "_dora_forward_kernel": LoopModel(lambda a: cdiv(a["K"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                                       lambda a: cdiv(a["R"], a["BLOCK_R"])),
-    "_lora_up_grad_kernel": LoopModel(lambda a: cdiv(a["N"], a["BLOCK_N"]), ("BLOCK_M", "BLOCK_R", "BLOCK_N")),
+    "_lora_up_grad_kernel": LoopModel(lambda a: cdiv(a["n_per_split"], a["BLOCK_N"]), ("BLOCK_M", "BLOCK_R", "BLOCK_N")),
     "_dora_input_grad_kernel": LoopModel(lambda a: cdiv(a["N"], a["BLOCK_N"]), ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
                                          lambda a: cdiv(a["R"], a["BLOCK_R"])),
     "_magnitude_and_B_grad_kernel": LoopModel(lambda a: cdiv(cdiv(a["M"], a["m_splits"]), a["BLOCK_M"]),

@@ -102,7 +102,7 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
 
     dy [M, N] (any strides), q [M, N] contiguous (dora_forward's; needed only for compute_mag),
     su [M, r] contiguous, lora_down's (None if not compute_B). splits overrides S (default:
-    enough to fill the GPU). adapter_dtype (lora_B's) picks the precision of dy.T @ su (see
+    two programs per SM with column blocks of 128 or less). adapter_dtype (lora_B's) picks the precision of dy.T @ su (see
     _launch.lora_precision).
     """
     dy = narrow_row_stride(dy)
@@ -113,7 +113,7 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
     R = su.shape[1] if compute_B else 1
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR) if compute_B else 1
-    splits = splits or split_count(triton.cdiv(N, 64) * r_chunks, M, dy.device)
+    splits = splits or split_count(triton.cdiv(N, 128) * r_chunks, M, dy.device)
     dmag = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if compute_mag else None
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
@@ -189,7 +189,7 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
     R = v.shape[2]
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR)
-    splits = splits or split_count(triton.cdiv(K, 64) * r_chunks, M, x.device)
+    splits = splits or split_count(triton.cdiv(K, 128) * r_chunks, M, x.device)
     da = torch.empty((splits, R, K), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
     _lora_A_grad_kernel[grid](

@@ -421,11 +421,12 @@ def test_in_place_passes_survive_an_autotune_search(name):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     if name == "_add_lora_input_grad_kernel":
         search[grid](out, v, lora, M, C, R, 32, lora.stride(0), lora.stride(1), s, 0, 0.0,
-                     HAS_DROPOUT=False, BLOCK_R=16, PRECISION="ieee")
+                     HAS_DROPOUT=False, V_SLICES=1, BLOCK_R=16, PRECISION="ieee")
         want = base + s * v @ lora
     else:
         lora_B, mag, norm = lora.T, torch.rand(C) + 0.5, torch.rand(C) + 0.5
-        search[grid](out, v, lora_B, mag, norm, norm, norm, out, M, C, R, 32, lora_B.stride(0), lora_B.stride(1),
-                     1e-12, HAS_BIAS=False, STORE_Q=False, NORM_SPLITS=0, BLOCK_R=16, PRECISION="ieee")
+        search[grid](out, v, lora_B, lora_B, mag, norm, norm, norm, out, M, C, R, 32, lora_B.stride(0),
+                     lora_B.stride(1), 1e-12, HAS_BIAS=False, STORE_Q=False, NORM_SPLITS=0, SU_SLICES=1,
+                     STORE_SU=False, BLOCK_R=16, PRECISION="ieee")
         want = mag / norm * (base + v @ lora_B.T)
     assert rel_err(out, want) < 1e-5
