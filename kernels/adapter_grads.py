@@ -101,9 +101,9 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
     over dy, S slices of M; summed over S: dmag_raw = sum over M of dy * q, dB_raw = dy.T @ su.
 
     dy [M, N] (any strides), q [M, N] contiguous (dora_forward's; needed only for compute_mag),
-    su [M, r] contiguous, lora_down's (None if not compute_B). splits overrides S (default:
-    two programs per SM with column blocks of 128 or less). adapter_dtype (lora_B's) picks the precision of dy.T @ su (see
-    _launch.lora_precision).
+    su [M, r] contiguous, the forward's (None if not compute_B). splits overrides S (default: two
+    programs per SM with column blocks of 128 or less). adapter_dtype (lora_B's) picks the precision
+    of dy.T @ su (see _launch.lora_precision).
     """
     dy = narrow_row_stride(dy)
     M, N = dy.shape
