@@ -73,10 +73,12 @@ DTYPE_PAIRS = [("bf16", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp16", "f
 RANKS = (16, 384)
 # the CI test's subset: bf16 activations with fp32 adapters (PEFT's default) at the high rank and
 # all-bf16 at a common rank, every kernel and config, dropout on (the heavier variant)
-SUBSET_WORDS = {"ci": "bf16 activations with fp32 adapters at r = 384 and all-bf16 at r = 16, dropout on"}
+SUBSET_WORDS = {"ci": "bf16 activations with fp32 adapters at r = 384 and all-bf16 at r = 16, dropout on",
+                "bench": "bf16 activations with fp32 adapters at r = 16 (bench.py's cases), dropout off and on"}
 SUBSETS = {
     "full": [(x, a, r, d) for x, a in DTYPE_PAIRS for r in RANKS for d in (False, True)],
     "ci": [("bf16", "fp32", 384, True), ("bf16", "bf16", 16, True)],
+    "bench": [("bf16", "fp32", 16, False), ("bf16", "fp32", 16, True)],
 }
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 

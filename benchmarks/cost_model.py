@@ -711,6 +711,38 @@ def gemm_summary(rows, gpu: Gpu) -> List[str]:
     return L
 
 
+LIGHT_TOKENS = (512, 4096)    # issue 19.3: the light passes at these M
+LIGHT_MIN_PER_SM = 2          # programs per SM of the GPU, every light launch
+LIGHT_BYTES_LIMIT = 1.3       # predicted time (launch overhead aside) over bytes at peak bandwidth
+
+
+def light_pass_check(cases, gpu: Gpu):
+    """Markdown lines: issue 19.3 for the q/o cases at LIGHT_TOKENS on ``gpu``: every Triton launch
+    but the two GEMMs, its programs per SM and its predicted time without the fixed launch cost over
+    its bytes at peak bandwidth."""
+    L = ["", f"## Light passes (issue 19.3), q/o cases at M = {', '.join(map(str, LIGHT_TOKENS))}, {gpu.name}", "",
+         f"Every Triton launch but the two GEMMs, route fused: `programs/SM` = grid / {gpu.sms} SMs (target >= "
+         f"{LIGHT_MIN_PER_SM}); `work us` = predicted time less the {LAUNCH_US} us launch cost; `bytes us` = its "
+         f"bytes at the {gpu.hbm_tbs} TB/s peak; `work/bytes` target <= {LIGHT_BYTES_LIMIT}.", "",
+         "| case | launch | config | programs/SM | work us | bytes us | work/bytes | bound |",
+         "|---|---|---|---:|---:|---:|---:|---|"]
+    for c in cases:
+        fused = c["gpus"][gpu.name].get("fused")
+        if c["shape"] != "qo" or c["M"] not in LIGHT_TOKENS or not fused:
+            continue
+        for it in fused["items"]:
+            if it["kind"] != "triton" or it["what"] in GEMM_LAYOUTS or "programs" not in it:
+                continue
+            per_sm = it["programs"] / gpu.sms
+            work = it["us"] - LAUNCH_US
+            nbytes = it["bytes"] / (gpu.hbm_tbs * 1e6)
+            ratio = work / nbytes if nbytes else None
+            flags = "" if per_sm >= LIGHT_MIN_PER_SM else " (few)"
+            L.append(f"| {c['case']} | {_short(it['what'])} {it.get('variant', '')} | {it.get('config', '')} "
+                     f"| {per_sm:.1f}{flags} | {work:.1f} | {nbytes:.1f} | {_f(ratio)}x | {it.get('bound', '-')} |")
+    return L
+
+
 def markdown(result: dict, argv: str, full: bool = False) -> str:
     """The report: assumptions, predicted ratios per case, the GEMMs against the anchor (summary),
     the fused launches of the q/o cases at M=4096; ``full``: every kernel row and every case's
@@ -790,6 +822,8 @@ def markdown(result: dict, argv: str, full: bool = False) -> str:
             L.append(f"| {_short(r['kernel'])} | {r['variant']} | {r['name']}{' (dflt)' if r['default'] else ''} "
                      f"| {r['instr']} | {r['mmas']} | {_f(r['kstep'])} | {_f(r['issue_share'])} | {r['outside']} "
                      f"| {r['regs']} | {r['shared']:,} | {r['occupancy'][gpus[0].name]} |")
+    if cases:
+        L += light_pass_check(cases, gpus[0])
     if cases:
         L += ["", "## Per launch at M=4096 (the config a perfect autotuner takes)" + ("" if full else ", q/o cases"),
               "",

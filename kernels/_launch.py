@@ -36,6 +36,17 @@ def gemm_block_r(r: int) -> int:
     return block_r(r) if triton.runtime.driver.active.get_current_target().arch >= 90 else 16
 
 
+def epilogue_halves() -> bool:
+    """Whether the forward GEMM applies its epilogue to the two column halves of its tile in turn:
+    on Blackwell (sm_100) and later, where the whole 128-row accumulator beside the epilogue's
+    vectors spilled registers in every 128-row training tile (benchmarks/results/compile_report_sm100.md;
+    halves: 128x128 w8 and 128x64 w4 compile without spills). Elsewhere the whole tile at once, as
+    before (the tiles taken on sm_90 and sm_80 do not spill)."""
+    if INTERPRET:
+        return False
+    return triton.runtime.driver.active.get_current_target().arch >= 100
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: fp32 inputs follow torch's TF32 switch, like F.linear does."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:

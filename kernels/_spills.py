@@ -18,6 +18,7 @@ SPILLS = {
         80: {
         },
         90: {
+            'bf16/bf16 R16 training tf32': ['16x256 w8 s2'],
             'fp32/fp32 R16 inference ieee': ['64x64 w4 s2'],
             'fp32/fp32 R16 training ieee': ['64x128 w8 s2'],
             'fp32/fp32 R64 inference ieee': ['16x256 w8 s2', '32x128 w4 s2', '64x128 w8 s2'],
@@ -38,7 +39,7 @@ SPILLS = {
             'bf16/bf16 R64 training tf32': ['256x128x64 w8 s3'],
             'bf16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
             'bf16/fp32 R64 inference tf32': ['64x256x64 w4 s4'],
-            'bf16/fp32 R64 training tf32': ['128x256x64 w8 s3', '256x128x64 w8 s3', '32x64x128 w4 s4', '64x256x64 w4 s4'],
+            'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 training tf32': ['256x128x64 w8 s3'],
             'fp16/fp16 R64 training tf32': ['256x128x64 w8 s3'],
             'fp16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
@@ -135,6 +136,7 @@ SPILLS = {
             'bf16/- R16 dropout tf32x3': ['64x128 w4 s3'],
             'bf16/- R16 no-dropout tf32': ['128x128 w8 s3'],
             'bf16/- R16 no-dropout tf32x3': ['128x64 w4 s3'],
+            'bf16/- R64 dropout bf16x3': ['128x64 w4 s3', '32x256 w8 s3'],
             'bf16/- R64 dropout tf32x3': ['128x64 w4 s3', '32x256 w8 s3'],
             'bf16/- R64 no-dropout tf32x3': ['128x64 w4 s3'],
             'fp16/- R16 dropout tf32': ['32x256 w8 s3'],
@@ -185,6 +187,7 @@ SPILLS = {
             'bf16/bf16 R64 no-dropout tf32': ['32x64 w4 s4'],
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '16x64 w4 s4'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
+            'bf16/fp32 R64 dropout bf16x3': ['16x64 w4 s4', '32x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32x3': ['128x64 w4 s3', '32x64 w4 s4'],
             'bf16/fp32 R64 no-dropout tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp16 R64 dropout tf32': ['128x64 w4 s3'],
@@ -230,7 +233,6 @@ SPILLS = {
             'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '128x64 w8 s3', '32x64 w4 s4', '64x64 w8 s4'],
         },
         90: {
-            'bf16/bf16 R16 - tf32': ['32x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '32x64 w8 s4'],
@@ -272,6 +274,7 @@ SPILLS = {
         },
         90: {
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
+            'bf16/fp32 R64 - bf16x3': ['64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x256 w8 s3', '64x128 w4 s3'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
             'fp16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x256 w8 s3', '64x128 w4 s3'],

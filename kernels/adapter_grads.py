@@ -126,10 +126,11 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
 
 
 def _a_grad_smem_bytes(a) -> int:
-    """The x tile (counted at fp32 when upcast) and the v tile (fp32) of each pipeline stage."""
+    """The x tile (counted at fp32 when upcast) and the V_SLICES v tiles (fp32) of each pipeline
+    stage, bf16x3's parts of v."""
     xs = 4 if a["UPCAST"] and a["PRECISION"] != "bf16x3" else a["x_ptr"].element_size()
-    parts = 3 * a["BLOCK_M"] * a["BLOCK_R"] * 2 if a["PRECISION"] == "bf16x3" else 0  # v's bf16 parts
-    return a["num_stages"] * a["BLOCK_M"] * (a["BLOCK_C"] * xs + 4 * a["BLOCK_R"]) + parts
+    parts = 3 * a["BLOCK_M"] * a["BLOCK_R"] * 2 if a["PRECISION"] == "bf16x3" else 0
+    return a["num_stages"] * a["BLOCK_M"] * (a["BLOCK_C"] * xs + 4 * a["BLOCK_R"] * a["V_SLICES"]) + parts
 
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,

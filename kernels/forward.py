@@ -14,7 +14,15 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
-from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride, reduction_slices
+from ._launch import (
+    block_r,
+    dot_precision,
+    epilogue_halves,
+    gemm_block_r,
+    lora_precision,
+    narrow_row_stride,
+    reduction_slices,
+)
 from ._lora_dot import finished_su, lora_dot
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
@@ -130,7 +138,7 @@ def _dora_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_bn, stride_br,
     norm_eps,
     HAS_BIAS: tl.constexpr, STORE_Q: tl.constexpr, NORM_SPLITS: tl.constexpr,
-    SU_SLICES: tl.constexpr, STORE_SU: tl.constexpr,
+    SU_SLICES: tl.constexpr, STORE_SU: tl.constexpr, EPILOGUE_HALVES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -166,10 +174,24 @@ def _dora_forward_kernel(
                       mask=out_ok[None, :] & rank_ok[:, None], other=0.0)
         acc = tl.dot(su.to(dtype), b_t.to(dtype), acc, input_precision=PRECISION)
 
-    out_offsets = rows[:, None] * N + outs[None, :]
-    out_mask = row_ok[:, None] & out_ok[None, :]
-    dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr, q_ptr,
-                  N, norm_eps, pid_m == 0, HAS_BIAS, STORE_Q, NORM_SPLITS)
+    if EPILOGUE_HALVES:  # two [BLOCK_M, BLOCK_N / 2] halves: half the accumulator in registers at a time
+        HALF: tl.constexpr = BLOCK_N // 2
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
+        outs = pid_n * BLOCK_N + tl.arange(0, HALF)
+        out_ok = outs < N
+        dora_epilogue(left, outs, out_ok, rows[:, None] * N + outs[None, :], row_ok[:, None] & out_ok[None, :],
+                      mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr, q_ptr, N, norm_eps, pid_m == 0, HAS_BIAS,
+                      STORE_Q, NORM_SPLITS)
+        outs += HALF
+        out_ok = outs < N
+        dora_epilogue(right, outs, out_ok, rows[:, None] * N + outs[None, :], row_ok[:, None] & out_ok[None, :],
+                      mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr, q_ptr, N, norm_eps, pid_m == 0, HAS_BIAS,
+                      STORE_Q, NORM_SPLITS)
+    else:
+        out_offsets = rows[:, None] * N + outs[None, :]
+        out_mask = row_ok[:, None] & out_ok[None, :]
+        dora_epilogue(acc, outs, out_ok, out_offsets, out_mask, mag_ptr, norm_ptr, norm_out_ptr, bias_ptr, y_ptr,
+                      q_ptr, N, norm_eps, pid_m == 0, HAS_BIAS, STORE_Q, NORM_SPLITS)
 
 
 def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, store_q: bool = False,
@@ -205,6 +227,7 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(norm_eps),
         HAS_BIAS=bias is not None, STORE_Q=store_q, NORM_SPLITS=norm_splits, SU_SLICES=su.shape[0],
-        STORE_SU=su_out is not None, BLOCK_R=gemm_block_r(R), PRECISION=dot_precision(x.dtype),
+        STORE_SU=su_out is not None, EPILOGUE_HALVES=epilogue_halves(), BLOCK_R=gemm_block_r(R),
+        PRECISION=dot_precision(x.dtype),
     )
     return y, q

@@ -177,3 +177,28 @@ def test_light_passes_match_fp64_in_each_precision(dtype, adapter_dtype, p):
                                                            adapter_dtype=adapter_dtype)
     assert rel_err(db.sum(0), dy.double().T @ su_in.double()) < tol
     assert rel_err(dmag.sum(0), (dy.double() * q.double()).sum(0)) < 1e-6
+
+
+@pytest.mark.parametrize("halves", [False, True], ids=["whole-tile", "halves"])
+@pytest.mark.parametrize("store_q", [False, True], ids=["inference", "training"])
+def test_forward_epilogue_in_column_halves_matches_fp64(monkeypatch, halves, store_q):
+    """The forward GEMM's epilogue over the whole tile, or (Blackwell, _launch.epilogue_halves) over
+    its two column halves in turn: y, q, su and the norm finished from partial sums, ragged N."""
+    monkeypatch.setattr(forward, "epilogue_halves", lambda: halves)
+    g = torch.Generator().manual_seed(13)
+    M, Kdim, N, r, s = 37, 50, 75, 6, 0.5
+    x, w = torch.randn(M, Kdim, generator=g), torch.randn(N, Kdim, generator=g)
+    lora_A, lora_B = 0.1 * torch.randn(r, Kdim, generator=g), 0.1 * torch.randn(N, r, generator=g)
+    mag, bias = torch.rand(N, generator=g) + 0.5, torch.randn(N, generator=g)
+    norm_part = norm_kernels.row_norm_partials(w, lora_A, lora_B, s, k_splits=2)
+    norm_out, su = torch.empty(N), torch.empty(M, r)
+    y, q = forward.dora_forward(x, w, forward.lora_down(x, lora_A, s, splits=2), lora_B, mag, norm_part, bias, 1e-12,
+                                store_q=store_q, norm_out=norm_out, su_out=su)
+    n = reference.weight_norm(w.double(), lora_A.double(), lora_B.double(), s)
+    su_ref = s * x.double() @ lora_A.double().T
+    ypre = x.double() @ w.double().T + su_ref @ lora_B.double().T
+    c = mag.double() / n
+    assert rel_err(norm_out, n) < 1e-6 and rel_err(su, su_ref) < 1e-6
+    assert rel_err(y, c * ypre + bias.double()) < 1e-5
+    if store_q:
+        assert rel_err(q, ypre * magnitude_grad_rescale(c.float(), norm_out).double()) < 1e-5
