@@ -202,3 +202,17 @@ def test_forward_epilogue_in_column_halves_matches_fp64(monkeypatch, halves, sto
     assert rel_err(y, c * ypre + bias.double()) < 1e-5
     if store_q:
         assert rel_err(q, ypre * magnitude_grad_rescale(c.float(), norm_out).double()) < 1e-5
+
+
+@pytest.mark.parametrize("length", [1, 31, 32, 90, 4096, 14336])
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+def test_reduction_slices_tile_the_reduction(length, splits):
+    """lora_down's K and lora_up_grad's N slices: aligned starts (the dropout mask's Philox groups,
+    whole reduction blocks), none empty, together exactly the reduction, at most the slices asked."""
+    from fused_dora.kernels._launch import SLICE_ALIGN, reduction_slices
+
+    count, per_slice = reduction_slices(length, 4, torch.device("cpu"), splits)
+    assert per_slice % SLICE_ALIGN == 0 and count >= 1
+    assert (count - 1) * per_slice < length <= count * per_slice
+    if splits is not None:
+        assert count <= splits
