@@ -16,6 +16,7 @@ SPILLS = {
     },
     '_dora_compose_epilogue_kernel': {
         80: {
+            'bf16/fp32 R16 inference tf32': ['128x64 w8 s2'],
         },
         90: {
             'bf16/bf16 R16 training tf32': ['16x256 w8 s2'],
@@ -32,11 +33,14 @@ SPILLS = {
     },
     '_dora_forward_kernel': {
         80: {
-            'bf16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
+            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
+            'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
+            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x128x64 w4 s4'],
         },
         90: {
             'bf16/bf16 R16 training tf32': ['256x128x64 w8 s3'],
             'bf16/bf16 R64 training tf32': ['256x128x64 w8 s3'],
+            'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4'],
             'bf16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
             'bf16/fp32 R64 inference tf32': ['64x256x64 w4 s4'],
             'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -50,13 +54,13 @@ SPILLS = {
         },
         100: {
             'bf16/bf16 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
+            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
+            'bf16/fp32 R16 inference tf32': ['256x128x64 w8 s3'],
+            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '32x64x128 w4 s4', '64x256x64 w4 s4'],
+            'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -73,6 +77,8 @@ SPILLS = {
     },
     '_dora_input_grad_kernel': {
         80: {
+            'bf16/bf16 R16 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
+            'bf16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
         },
         90: {
             'bf16/bf16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -121,6 +127,7 @@ SPILLS = {
     },
     '_lora_A_grad_kernel': {
         80: {
+            'bf16/- R64 dropout bf16x3': ['64x128 w4 s3'],
             'bf16/- R64 dropout tf32': ['16x128 w4 s4', '64x128 w4 s3'],
             'bf16/- R64 dropout tf32x3': ['32x256 w8 s3', '64x128 w4 s3'],
             'bf16/- R64 no-dropout tf32x3': ['32x256 w8 s3', '64x128 w4 s3', '64x64 w4 s4', '64x64 w8 s4'],
@@ -150,7 +157,9 @@ SPILLS = {
             'fp32/- R64 no-dropout ieee': ['128x64 w4 s3', '16x64 w4 s4', '64x64 w4 s4'],
         },
         100: {
+            'bf16/- R16 no-dropout bf16x3': ['64x128 w4 s3'],
             'bf16/- R16 no-dropout tf32': ['128x128 w8 s3'],
+            'bf16/- R64 dropout bf16x3': ['128x64 w4 s3', '32x64 w4 s4'],
             'bf16/- R64 dropout tf32': ['16x128 w4 s4'],
             'bf16/- R64 dropout tf32x3': ['128x64 w4 s3'],
             'bf16/- R64 no-dropout tf32x3': ['128x64 w4 s3', '64x64 w4 s4'],
@@ -168,6 +177,7 @@ SPILLS = {
     '_lora_down_kernel': {
         80: {
             'bf16/bf16 R64 dropout tf32': ['128x64 w4 s3'],
+            'bf16/fp32 R16 dropout bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '64x64 w8 s4'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
             'bf16/fp32 R64 dropout tf32x3': ['64x64 w8 s4'],
@@ -185,7 +195,9 @@ SPILLS = {
         90: {
             'bf16/bf16 R64 dropout tf32': ['128x64 w4 s3'],
             'bf16/bf16 R64 no-dropout tf32': ['32x64 w4 s4'],
+            'bf16/fp32 R16 dropout bf16x3': ['32x128 w4 s4'],
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '16x64 w4 s4'],
+            'bf16/fp32 R16 no-dropout bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
             'bf16/fp32 R64 dropout bf16x3': ['16x64 w4 s4', '32x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32x3': ['128x64 w4 s3', '32x64 w4 s4'],
@@ -201,10 +213,12 @@ SPILLS = {
             'fp32/fp32 R64 no-dropout ieee': ['64x128 w4 s3'],
         },
         100: {
-            'bf16/bf16 R16 dropout tf32': ['128x64 w8 s3'],
             'bf16/bf16 R64 no-dropout tf32': ['32x64 w4 s4'],
+            'bf16/fp32 R16 dropout bf16x3': ['16x256 w4 s3', '16x64 w4 s4', '32x128 w4 s4'],
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '16x64 w4 s4'],
+            'bf16/fp32 R16 no-dropout bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
+            'bf16/fp32 R64 dropout bf16x3': ['16x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32x3': ['128x64 w4 s3', '32x64 w4 s4'],
             'bf16/fp32 R64 no-dropout tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp16 R64 no-dropout tf32': ['32x64 w4 s4'],
@@ -219,7 +233,9 @@ SPILLS = {
     },
     '_lora_up_grad_kernel': {
         80: {
+            'bf16/fp32 R16 - bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 - tf32x3': ['16x256 w4 s3'],
+            'bf16/fp32 R16 store-e bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['64x64 w8 s4'],
             'bf16/fp32 R64 store-e tf32x3': ['64x64 w8 s4'],
@@ -233,7 +249,9 @@ SPILLS = {
             'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '128x64 w8 s3', '32x64 w4 s4', '64x64 w8 s4'],
         },
         90: {
+            'bf16/fp32 R16 - bf16x3': ['16x256 w4 s3', '32x128 w4 s4', '32x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
+            'bf16/fp32 R16 store-e bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '32x64 w8 s4'],
             'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4'],
@@ -246,10 +264,10 @@ SPILLS = {
             'fp32/fp32 R64 store-e ieee': ['128x64 w4 s3', '64x128 w4 s3'],
         },
         100: {
-            'bf16/bf16 R16 - tf32': ['32x64 w8 s4'],
-            'bf16/bf16 R16 store-e tf32': ['128x128 w8 s3', '128x64 w4 s3', '64x128 w4 s3', '64x64 w8 s4'],
             'bf16/bf16 R64 store-e tf32': ['128x64 w8 s3', '64x64 w8 s4'],
+            'bf16/fp32 R16 - bf16x3': ['16x256 w4 s3', '32x64 w8 s4'],
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3', '16x256 w4 s3'],
+            'bf16/fp32 R16 store-e bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '16x256 w4 s3', '32x128 w4 s4', '64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '32x64 w8 s4'],
             'bf16/fp32 R64 store-e tf32x3': ['128x64 w4 s3', '128x64 w8 s3', '32x128 w4 s4', '32x64 w4 s4'],
@@ -281,6 +299,7 @@ SPILLS = {
         },
         100: {
             'bf16/fp32 R16 - tf32x3': ['128x64 w4 s3'],
+            'bf16/fp32 R64 - bf16x3': ['64x128 w4 s3'],
             'bf16/fp32 R64 - tf32x3': ['128x64 w4 s3', '64x128 w4 s3'],
             'fp16/fp16 R16 - tf32': ['32x64 w4 s4'],
             'fp16/fp32 R16 - tf32x3': ['128x64 w4 s3'],
