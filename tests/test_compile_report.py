@@ -7,7 +7,7 @@ It runs in a subprocess without TRITON_INTERPRET (this session's kernels run in 
 compiling needs Triton's JIT) and needs only the ptxas and cuobjdump bundled with Triton. Fails
 on a compile error, a spill in a config the autotuner can pick on that GPU, a shared-memory
 estimate below the compiled figure, and a large GEMM tile (BLOCK_M >= 64) without wgmma on sm_90.
-A cold run compiles 2 x 182 kernel configs, ~2 min on 2 cores; Triton's cache makes re-runs quick.
+A cold run compiles 2 x 232 kernel configs, ~4 min on 2 cores; Triton's cache makes re-runs quick.
 """
 import json
 import os
