@@ -6,7 +6,8 @@ scaling s, dropout with keep probability 1 - p (mask regenerated from a Philox s
 Forward:
 
     x_d  = dropout(x)                              (identity when p = 0)
-    su   = s · x_d @ Aᵀ                            [M, r]   lora_down, rounded once to A's dtype
+    su   = s · x_d @ Aᵀ                            [M, r]   lora_down (partial sums over slices of K), summed
+                                                            and rounded once to A's dtype by the GEMM
     n    = ||W + s · B @ A||  per row, detached    [N]      fp32, one tiled pass over W
     c    = g / max(n, eps)                         [N]
     ypre = x @ Wᵀ + su @ Bᵀ                        [M, N]   one GEMM (r extra K-steps)

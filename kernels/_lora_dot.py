@@ -69,7 +69,8 @@ def summed_slices(ptr, offsets, mask, slice_stride, SLICES: tl.constexpr):
     ``offsets``, added in order: lora_down's su and lora_up_grad's v, split along their reduction so
     that their grids fill the GPU, are finished by the kernels that read them, each with the same
     additions, so every reader sees the same bits (no atomics, no extra launch). The pointer
-    advances slice by slice: no 32-bit product of slice index and stride to overflow."""
+    advances slice by slice (no product of slice index and stride); the stride M * r itself is a
+    32-bit integer, as the launchers' other tensor sizes that are not offset in 64 bits."""
     total = tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     for _ in tl.static_range(1, SLICES):
         ptr += slice_stride

@@ -134,7 +134,7 @@ def _a_grad_smem_bytes(a) -> int:
 
 
 @autotune(_COLPASS_GPU_CONFIGS, _COLPASS_INTERPRETER_CONFIG,
-          key=["K", "R", "m_splits", "HAS_DROPOUT", "PRECISION"],
+          key=["K", "R", "m_splits", "HAS_DROPOUT", "V_SLICES", "PRECISION"],  # V_SLICES: shared memory
           smem_bytes=_a_grad_smem_bytes, case_dtypes=("x_ptr", None))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_A_grad_kernel(

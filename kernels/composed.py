@@ -97,8 +97,10 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
     """q [M, N] or None; y [M, N] (contiguous, holding x @ W.T) becomes, in place,
     c * (x @ W.T + su @ lora_B.T) + bias, with c = magnitude / max(n, norm_eps).
 
-    su and su_out (lora_down's partial sums, finished here), lora_B [N, r], magnitude [N], bias [N]
-    or None; norm and norm_out as for forward.dora_forward. With store_q, q = (x @ W.T + su @
+    su: lora_down's partial sums [S, M, r] fp32 (or a finished su [M, r]), summed and rounded to the
+    adapters' dtype here; su_out: a contiguous [M, r] tensor receiving the finished su, or None (as
+    forward.dora_forward); lora_B [N, r], magnitude [N], bias [N] or None; norm and norm_out as for
+    forward.dora_forward. With store_q, q = (x @ W.T + su @
     lora_B.T) * t as forward.dora_forward returns it.
     """
     M, N = y.shape

@@ -1,6 +1,8 @@
 """Forward kernels: the LoRA down-projection and the fused DoRA GEMM.
 
-    su   = s * dropout(x) @ A.T                 lora_down     [M, r] in the adapters' dtype
+    su   = s * dropout(x) @ A.T                 lora_down     fp32 partial sums [S, M, r] over slices of K;
+                                                dora_forward  sums them, rounds su to the adapters'
+                                                              dtype and writes su [M, r] for the backward
     ypre = x @ W.T + su @ B.T                   dora_forward  (r extra K-steps in the same GEMM)
     y    = c * ypre + bias                      dora_forward  epilogue, one write of y
     q    = ypre * t,  t = pow2_floor(c)         dora_forward  epilogue, kept for dmagnitude

@@ -1,7 +1,9 @@
 """Input-gradient kernels (the norm is a constant, so e = dy * c is the only coupling):
 
-    e  = dy * c,  v = e @ B                     lora_up_grad     one pass over dy: v [M, r] fp32,
-                                                                 and e [M, N] (dy's dtype) when asked
+    e  = dy * c,  v = e @ B                     lora_up_grad     one pass over dy: v as fp32 partial
+                                                                 sums [S, M, r] over slices of N (its
+                                                                 readers sum them), and e [M, N]
+                                                                 (dy's dtype) when asked
     dx = s * dropout_bwd(v @ A) + e @ W         dora_input_grad  one GEMM, one accumulator: the
                                                                  masked LoRA term first, then a
                                                                  plain main loop over e and W
