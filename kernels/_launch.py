@@ -14,6 +14,12 @@ def narrow_row_stride(t: torch.Tensor, tile_rows: int = 256) -> torch.Tensor:
     return t
 
 
+def as_slices(t: torch.Tensor) -> torch.Tensor:
+    """Partial sums [S, M, r] as they are (lora_down's su, lora_up_grad's v), or a finished [M, r]
+    tensor as one slice [1, M, r], for the kernels that sum the slices as they read them."""
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
 def block_r(r: int) -> int:
     """Chunk size along the LoRA rank: a power of two >= 16 (tl.dot's minimum), at most 64.
 

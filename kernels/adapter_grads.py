@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, lora_precision, narrow_row_stride
+from ._launch import as_slices, block_r, lora_precision, narrow_row_stride
 from ._lora_dot import lora_dot, summed_slices
 from .dropout import dropout_keep
 from .epilogue import magnitude_grad_rescale, magnitude_scale
@@ -186,7 +186,7 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
     x = narrow_row_stride(x)
     M, K = x.shape
     upcast, precision = lora_precision(x.dtype, adapter_dtype)
-    v = v if v.dim() == 3 else v.unsqueeze(0)
+    v = as_slices(v)
     R = v.shape[2]
     BR = block_r(R)
     r_chunks = triton.cdiv(R, BR)
@@ -198,15 +198,6 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
         HAS_DROPOUT=dropout_p > 0, V_SLICES=v.shape[0], BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
     )
     return da
-
-
-@triton.jit
-def _sum_slices(part_ptr, idx, ok, size, SPLITS: tl.constexpr):
-    """The slices of partial sums [SPLITS, size] at flat indices ``idx``, added in order."""
-    total = tl.load(part_ptr + idx, mask=ok, other=0.0)
-    for split in tl.static_range(1, SPLITS):
-        total += tl.load(part_ptr + split * size + idx, mask=ok, other=0.0)
-    return total
 
 
 # one config: a tiny elementwise pass; autotuned only to be registered (compile report, launch counts)
@@ -227,7 +218,7 @@ def _finish_adapter_grads_kernel(
     if pid < mag_programs:  # dmag = sum(dy * ypre) / n = dmag_raw / (t * n)
         outs = pid * BLOCK + lane
         ok = outs < N
-        raw = _sum_slices(dmag_part_ptr, outs, ok, N, MAG_B_SPLITS)
+        raw = summed_slices(dmag_part_ptr, outs, ok, N, MAG_B_SPLITS)
         mag_scale, n = magnitude_scale(mag_ptr, norm_ptr, outs, ok, norm_eps)
         dmag = tl.math.div_rn(raw, magnitude_grad_rescale(mag_scale, n) * n)
         tl.store(dmag_ptr + outs, dmag.to(dmag_ptr.dtype.element_ty), mask=ok)
@@ -236,12 +227,12 @@ def _finish_adapter_grads_kernel(
         ok = idx < N * R
         outs = idx // R
         mag_scale, _ = magnitude_scale(mag_ptr, norm_ptr, outs, ok, norm_eps)
-        db = mag_scale * _sum_slices(db_part_ptr, idx, ok, N * R, MAG_B_SPLITS)
+        db = mag_scale * summed_slices(db_part_ptr, idx, ok, N * R, MAG_B_SPLITS)
         tl.store(db_ptr + idx, db.to(db_ptr.dtype.element_ty), mask=ok)
     else:  # dA = s * v.T @ dropout(x)
         idx = (pid - mag_programs - b_programs) * BLOCK + lane
         ok = idx < R * K
-        da = scaling * _sum_slices(da_part_ptr, idx, ok, R * K, A_SPLITS)
+        da = scaling * summed_slices(da_part_ptr, idx, ok, R * K, A_SPLITS)
         tl.store(da_ptr + idx, da.to(da_ptr.dtype.element_ty), mask=ok)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import rank_steps
-from ._launch import dot_precision, gemm_block_r
+from ._launch import as_slices, dot_precision, gemm_block_r
 from ._lora_dot import finished_su
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
@@ -104,7 +104,7 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
     lora_B.T) * t as forward.dora_forward returns it.
     """
     M, N = y.shape
-    su = su if su.dim() == 3 else su.unsqueeze(0)
+    su = as_slices(su)
     R = su.shape[2]
     q = torch.empty((M, N), dtype=y.dtype, device=y.device) if store_q else None
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_C"]))
@@ -166,7 +166,7 @@ def add_lora_input_grad(dx, v, lora_A, scaling: float, dropout_p: float = 0.0, s
     ``seed`` with the 1/(1-p) scale.
     """
     M, K = dx.shape
-    v = v if v.dim() == 3 else v.unsqueeze(0)
+    v = as_slices(v)
     R = v.shape[2]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_C"]))
     _add_lora_input_grad_kernel[grid](

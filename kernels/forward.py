@@ -17,6 +17,7 @@ import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile
 from ._launch import (
+    as_slices,
     block_r,
     dot_precision,
     epilogue_halves,
@@ -215,7 +216,7 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     x = narrow_row_stride(x)
     M, K = x.shape
     N = weight.shape[0]
-    su = su if su.dim() == 3 else su.unsqueeze(0)
+    su = as_slices(su)
     R = su.shape[2]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None

@@ -15,7 +15,15 @@ import triton
 import triton.language as tl
 
 from ._gemm import GEMM_TILES, gemm_configs, gemm_interpreter_config, gemm_smem_bytes, grouped_tile, rank_steps
-from ._launch import block_r, dot_precision, gemm_block_r, lora_precision, narrow_row_stride, reduction_slices
+from ._launch import (
+    as_slices,
+    block_r,
+    dot_precision,
+    gemm_block_r,
+    lora_precision,
+    narrow_row_stride,
+    reduction_slices,
+)
 from ._lora_dot import lora_dot
 from .dropout import dropout_keep
 from .epilogue import magnitude_scale
@@ -205,7 +213,7 @@ def dora_input_grad(e, weight, v, lora_A, scaling: float, dropout_p: float = 0.0
     """
     M, N = e.shape
     K = weight.shape[1]
-    v = v if v.dim() == 3 else v.unsqueeze(0)
+    v = as_slices(v)
     R = v.shape[2]
     dx = torch.empty((M, K), dtype=e.dtype, device=e.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
