@@ -76,21 +76,24 @@ def lora_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype):
     return False, dot_precision(x_dtype)
 
 
-# Slices of a split reduction start at multiples of this (a multiple of every config's reduction
-# block, and of 4 for the dropout mask's Philox groups); under the interpreter small, so that the
-# tests' small shapes are split too.
-SLICE_ALIGN = 32 if INTERPRET else 256
+# Slices of a split reduction start at multiples of this (of 8 for the dropout mask's Philox groups,
+# and 128-byte aligned rows) and are at least SLICE_MIN long; a slice need not be a whole number
+# of the config's reduction blocks (the kernels mask at the slice's end), so the slice count is
+# the one that fills the GPU, not the one the block size allows (256-column slices gave 4 slices
+# of K = 4096 for 5 wanted: 1.9 programs per SM). Under the interpreter small, so that the tests'
+# small shapes are split too.
+SLICE_ALIGN = 32 if INTERPRET else 64
+SLICE_MIN = 32 if INTERPRET else 512
 
 
 def reduction_slices(length: int, base_programs: int, device: torch.device, splits=None):
     """(S, per_slice): a reduction of ``length`` split into S slices of ``per_slice`` (a multiple of
     SLICE_ALIGN; the last may be shorter, none empty) so that ``base_programs`` * S programs fill
-    the GPU (tuning.split_count: two per SM), each slice at least 2 * SLICE_ALIGN long on a GPU.
+    the GPU (tuning.split_count: two per SM), each slice at least SLICE_MIN long.
     ``splits``: ask for S (fewer if ``length`` is too short)."""
     from .tuning import split_count
 
     if splits is None:
-        splits = split_count(base_programs, length, device, rows_per_split_min=SLICE_ALIGN if INTERPRET
-                             else 2 * SLICE_ALIGN)
+        splits = split_count(base_programs, length, device, rows_per_split_min=SLICE_MIN)
     per_slice = triton.cdiv(triton.cdiv(max(length, 1), splits), SLICE_ALIGN) * SLICE_ALIGN
     return triton.cdiv(max(length, 1), per_slice), per_slice

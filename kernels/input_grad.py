@@ -175,7 +175,7 @@ def _dora_input_grad_kernel(
     # One accumulator: the LoRA term s * dropout_bwd(v @ A) first, then the main loop onto it
     # (two accumulators, the LoRA term added in the epilogue, spilled every large tile). The
     # dropout mask is drawn before the LoRA steps, while the accumulator is not yet live, and
-    # four elements per Philox call (dropout.py): a whole-tile mask beside a live accumulator
+    # eight elements per Philox call (dropout.py): a whole-tile mask beside a live accumulator
     # spilled 0.5-5 KB a thread. Computing the term in another kernel instead would write and
     # read an [M, K] fp32 tensor, ~20% of this GEMM's time at M = N = K = 4096.
     if HAS_DROPOUT:

@@ -29,6 +29,32 @@ def test_kept_fraction_is_one_minus_p():
         assert abs(mask.float().mean().item() - (1 - p)) < 0.01, p
 
 
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 (Salmon et al., SC'11) in plain Python, independent of Triton's."""
+    mask32 = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = key & mask32, key >> 32
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p2 >> 32) ^ c1 ^ k0, p2 & mask32, (p0 >> 32) ^ c3 ^ k1, p0 & mask32
+        k0, k1 = (k0 + 0x9E3779B9) & mask32, (k1 + 0xBB67AE85) & mask32
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_mask_is_the_documented_philox_stream(p):
+    """kernels/dropout.py's contract, element by element: column 8q + 2w + h of a row is dropped
+    when half h of word w of Philox4x32-10((q, row, 0, 0), seed) is below round(p * 2**16)."""
+    seed, M, K = 0x1234_5678_9ABC, 5, 40
+    mask = dropout_mask(seed, M, K, p, DEVICE).cpu()
+    t = int(p * 65536 + 0.5)
+    for row in range(M):
+        for col in range(K):
+            word = _philox4x32_10((col // 8, row, 0, 0), seed)[(col % 8) // 2]
+            draw = (word >> (16 * (col % 2))) & 0xFFFF
+            assert bool(mask[row, col]) == (draw >= t), (row, col)
+
+
 def test_masks_differ_between_calls_and_seeds():
     a = dropout_mask(1, 64, 64, 0.5, DEVICE)
     b = dropout_mask(2, 64, 64, 0.5, DEVICE)

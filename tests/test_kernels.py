@@ -130,11 +130,12 @@ def test_allocations_are_nan_poisoned_in_tests():
                                                   (torch.float32, torch.float32), (torch.float16, torch.float16)],
                          ids=["bf16x3", "tf32x3", "fp32", "fp16"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_light_passes_match_fp64_in_each_precision(dtype, adapter_dtype, p):
+def test_light_passes_match_fp64_in_each_precision(monkeypatch, dtype, adapter_dtype, p):
     """lora_down, lora_up_grad (and its e), lora_A_grad and the B / magnitude column pass against
     float64 of the same (rounded) inputs, in the precision each dtype pair takes
     (_launch.lora_precision); bf16 activations run only here under the interpreter (its bf16 tl.dot
     is wrong, _lora_dot multiplies the exact bf16 parts in fp32 there)."""
+    from fused_dora.kernels import _launch
     from fused_dora.kernels._launch import lora_precision
     from fused_dora.kernels.dropout import dropout_mask
 
@@ -156,7 +157,10 @@ def test_light_passes_match_fp64_in_each_precision(dtype, adapter_dtype, p):
                                                        (torch.float16, torch.float32): "tf32x3"}.get(
         (dtype, adapter_dtype), lora_precision(dtype, adapter_dtype)[1])
 
-    for splits in (1, 3):  # K and N split in slices (partial sums): the grid fills the GPU at any M
+    # K and N split in slices (partial sums): the grid fills the GPU at any M; slices of 24 start
+    # inside the interpreter's 32-wide blocks (on a GPU, slices of 64k columns in 128-wide blocks)
+    for splits, align in ((1, 32), (3, 32), (4, 8)):
+        monkeypatch.setattr(_launch, "SLICE_ALIGN", align)
         su = forward.lora_down(x, lora_A, s, p, seed, splits=splits)
         assert su.shape == (splits, M, r) and su.dtype == torch.float32
         assert rel_err(su.sum(0), s * xd @ lora_A.double().T) < tol
@@ -207,8 +211,9 @@ def test_forward_epilogue_in_column_halves_matches_fp64(monkeypatch, halves, sto
 @pytest.mark.parametrize("length", [1, 31, 32, 90, 4096, 14336])
 @pytest.mark.parametrize("splits", [None, 1, 3, 64])
 def test_reduction_slices_tile_the_reduction(length, splits):
-    """lora_down's K and lora_up_grad's N slices: aligned starts (the dropout mask's Philox groups,
-    whole reduction blocks), none empty, together exactly the reduction, at most the slices asked."""
+    """lora_down's K and lora_up_grad's N slices: aligned starts (the dropout mask's Philox groups),
+    none empty, together exactly the reduction, at most the slices asked; unasked, as many as fill
+    the GPU where the reduction is long enough."""
     from fused_dora.kernels._launch import SLICE_ALIGN, reduction_slices
 
     count, per_slice = reduction_slices(length, 4, torch.device("cpu"), splits)
@@ -216,3 +221,17 @@ def test_reduction_slices_tile_the_reduction(length, splits):
     assert (count - 1) * per_slice < length <= count * per_slice
     if splits is not None:
         assert count <= splits
+
+
+@pytest.mark.parametrize("length", [4096, 14336])
+def test_reduction_slices_fill_an_h100_at_4096_tokens(monkeypatch, length):
+    """Issue 19.3's grid target, with the GPU's slice sizes: lora_down / lora_up_grad at M = 4096
+    (64 row blocks of 64) run at least two programs per SM of a 132-SM H100 (4 slices of 1024
+    columns, 1.9 per SM, while slices were whole 256-column blocks)."""
+    from fused_dora.kernels import _launch, tuning
+
+    monkeypatch.setattr(_launch, "SLICE_ALIGN", 64)
+    monkeypatch.setattr(_launch, "SLICE_MIN", 512)
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
+    count, per_slice = _launch.reduction_slices(length, 64, torch.device("cpu"))
+    assert 64 * count >= 2 * 132 and per_slice % 64 == 0 and (count - 1) * per_slice < length
