@@ -11,15 +11,14 @@ SPILLS = {
         90: {
         },
         100: {
+            'bf16/fp32 R16 dropout tf32': ['16x64 w4 s1'],
             'fp32/fp32 R16 dropout ieee': ['32x128 w4 s2'],
         },
     },
     '_dora_compose_epilogue_kernel': {
         80: {
-            'bf16/fp32 R16 inference tf32': ['128x64 w8 s2'],
         },
         90: {
-            'bf16/bf16 R16 training tf32': ['16x256 w8 s2'],
             'fp32/fp32 R16 inference ieee': ['64x64 w4 s2'],
             'fp32/fp32 R16 training ieee': ['64x128 w8 s2'],
             'fp32/fp32 R64 inference ieee': ['16x256 w8 s2', '32x128 w4 s2', '64x128 w8 s2'],
@@ -33,15 +32,15 @@ SPILLS = {
     },
     '_dora_forward_kernel': {
         80: {
-            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
-            'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
-            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x128x64 w4 s4'],
+            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '128x64x64 w4 s4', '256x128x64 w8 s3'],
+            'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3'],
+            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x128x64 w4 s4'],
         },
         90: {
-            'bf16/bf16 R16 training tf32': ['256x128x64 w8 s3'],
+            'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
             'bf16/bf16 R64 training tf32': ['256x128x64 w8 s3'],
             'bf16/fp32 R16 inference tf32': ['128x128x64 w4 s4'],
-            'bf16/fp32 R16 training tf32': ['256x128x64 w8 s3'],
+            'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x64x64 w4 s4', '256x128x64 w8 s3'],
             'bf16/fp32 R64 inference tf32': ['64x256x64 w4 s4'],
             'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 training tf32': ['256x128x64 w8 s3'],
@@ -57,7 +56,6 @@ SPILLS = {
             'bf16/bf16 R16 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 training tf32': ['128x128x64 w4 s4', '128x128x64 w8 s4', '128x256x64 w8 s3', '128x64x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R16 inference tf32': ['256x128x64 w8 s3'],
             'bf16/fp32 R16 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R64 inference tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R64 training tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -81,6 +79,7 @@ SPILLS = {
             'bf16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
         },
         90: {
+            'bf16/bf16 R16 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3'],
             'bf16/bf16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 no-dropout tf32': ['128x128x64 w4 s4'],
             'bf16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -97,9 +96,7 @@ SPILLS = {
             'fp32/fp32 R64 no-dropout ieee': ['128x64x64 w4 s4', '64x128x64 w4 s4'],
         },
         100: {
-            'bf16/bf16 R16 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/bf16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
-            'bf16/fp32 R16 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32': ['128x128x64 w4 s4', '128x256x64 w8 s3', '256x128x64 w8 s3', '64x256x64 w4 s4'],
             'fp16/fp16 R16 dropout tf32': ['128x128x64 w4 s4', '64x256x64 w4 s4'],
             'fp16/fp16 R64 dropout tf32': ['128x128x64 w4 s4', '256x128x64 w8 s3', '64x256x64 w4 s4'],
@@ -127,6 +124,8 @@ SPILLS = {
     },
     '_lora_A_grad_kernel': {
         80: {
+            'bf16/- R16 dropout bf16x3': ['32x64 w4 s4'],
+            'bf16/- R16 dropout tf32': ['64x64 w8 s4'],
             'bf16/- R64 dropout bf16x3': ['64x128 w4 s3'],
             'bf16/- R64 dropout tf32': ['16x128 w4 s4', '64x128 w4 s3'],
             'bf16/- R64 dropout tf32x3': ['32x256 w8 s3', '64x128 w4 s3'],
@@ -157,6 +156,8 @@ SPILLS = {
             'fp32/- R64 no-dropout ieee': ['128x64 w4 s3', '16x64 w4 s4', '64x64 w4 s4'],
         },
         100: {
+            'bf16/- R16 dropout bf16x3': ['128x64 w4 s3', '32x256 w8 s3', '32x64 w4 s4'],
+            'bf16/- R16 dropout tf32': ['64x64 w8 s4'],
             'bf16/- R16 no-dropout bf16x3': ['64x128 w4 s3'],
             'bf16/- R16 no-dropout tf32': ['128x128 w8 s3'],
             'bf16/- R64 dropout bf16x3': ['128x64 w4 s3', '32x64 w4 s4'],
@@ -199,7 +200,6 @@ SPILLS = {
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '16x64 w4 s4'],
             'bf16/fp32 R16 no-dropout bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
-            'bf16/fp32 R64 dropout bf16x3': ['16x64 w4 s4', '32x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32x3': ['128x64 w4 s3', '32x64 w4 s4'],
             'bf16/fp32 R64 no-dropout tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp16 R64 dropout tf32': ['128x64 w4 s3'],
@@ -213,12 +213,13 @@ SPILLS = {
             'fp32/fp32 R64 no-dropout ieee': ['64x128 w4 s3'],
         },
         100: {
+            'bf16/bf16 R16 dropout tf32': ['128x128 w8 s3', '64x128 w4 s3'],
             'bf16/bf16 R64 no-dropout tf32': ['32x64 w4 s4'],
             'bf16/fp32 R16 dropout bf16x3': ['16x256 w4 s3', '16x64 w4 s4', '32x128 w4 s4'],
             'bf16/fp32 R16 dropout tf32x3': ['16x256 w4 s3', '16x64 w4 s4'],
             'bf16/fp32 R16 no-dropout bf16x3': ['16x256 w4 s3'],
             'bf16/fp32 R16 no-dropout tf32x3': ['16x256 w4 s3'],
-            'bf16/fp32 R64 dropout bf16x3': ['16x64 w4 s4'],
+            'bf16/fp32 R64 dropout bf16x3': ['128x64 w4 s3', '16x64 w4 s4'],
             'bf16/fp32 R64 dropout tf32x3': ['128x64 w4 s3', '32x64 w4 s4'],
             'bf16/fp32 R64 no-dropout tf32x3': ['128x64 w4 s3', '32x128 w4 s4', '32x64 w4 s4', '64x128 w4 s3'],
             'fp16/fp16 R64 no-dropout tf32': ['32x64 w4 s4'],
