@@ -176,6 +176,8 @@ class LoopModel:
 LOOPS = {
     "_row_sumsq_kernel": LoopModel(lambda a: cdiv(cdiv(a["K"], a["BLOCK_K"]), a["k_splits"]),
                                    ("BLOCK_N", "BLOCK_K", "BLOCK_R"), lambda a: cdiv(a["R"], a["BLOCK_R"]), True),
+    "_quant_row_sumsq_kernel": LoopModel(lambda a: cdiv(cdiv(a["K"], a["BLOCK_K"]), a["k_splits"]),
+                                         ("BLOCK_N", "BLOCK_K", "BLOCK_R"), lambda a: cdiv(a["R"], a["BLOCK_R"]), True),
     "_lora_down_kernel": LoopModel(lambda a: cdiv(a["k_per_split"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_R", "BLOCK_K")),
     "_dora_forward_kernel": LoopModel(lambda a: cdiv(a["K"], a["BLOCK_K"]), ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                                       lambda a: cdiv(a["R"], a["BLOCK_R"])),
@@ -329,6 +331,40 @@ def default_cases(ranks=(16,), tokens=(512, 4096, 16384), modes=("infer", "train
 
 
 # ---------------------------------------------------------------- compile jobs and the SASS worker
+
+QDORA_RANKS = (16, 64)  # issue 20: the 4-bit norm at these ranks, each Llama shape
+
+
+def capture_quant_norms(target_name: str, sms: int, ranks=QDORA_RANKS) -> list:
+    """[(shape, r, base, launches)]: the norm launches of one QDoRA layer's training forward
+    (bitsandbytes NF4, blocksize 64, double quantization, bf16 compute, fp32 adapters; base
+    "4-bit": kernels/quant_norm.py from the packed codes) and of the same layer over a bf16 weight
+    (base "bf16": kernels/norm.py), captured on meta tensors for ``sms`` SMs."""
+    from fused_dora.kernels import norm as norm_kernels
+    from fused_dora.kernels import quant_norm
+
+    out, meta = [], torch.device("meta")
+    for shape in LLAMA_SHAPES:
+        N, K = Case("norm", shape, 0, 16).N, Case("norm", shape, 0, 16).K
+        blocks = math.ceil(N * K / 64)
+        for r in ranks:
+            A = torch.empty(r, K, dtype=torch.float32, device=meta)
+            B = torch.empty(N, r, dtype=torch.float32, device=meta)
+            for base in ("4-bit", "bf16"):
+                events: list = []
+                with _capturing(target_name, sms, events):
+                    if base == "4-bit":
+                        f32 = dict(dtype=torch.float32, device=meta)
+                        quant_norm.dora_quant_row_norm(
+                            torch.empty((N * K + 1) // 2, dtype=torch.uint8, device=meta), torch.empty(16, **f32),
+                            torch.empty(blocks, dtype=torch.uint8, device=meta), 64, (N, K), torch.bfloat16, A, B,
+                            2.0, nested_absmax=torch.empty(math.ceil(blocks / 256), **f32),
+                            nested_code=torch.empty(256, **f32), nested_offset=torch.empty(1, **f32))
+                    else:
+                        norm_kernels.dora_row_norm(torch.empty(N, K, dtype=torch.bfloat16, device=meta), A, B, 2.0)
+                out.append((shape, r, base, [e for e in events if isinstance(e, Launch)]))
+    return out
+
 
 def _spec(v):
     """An argument as far as Triton's specialisation sees it (1, multiple of 16, other; dtypes)."""
@@ -537,6 +573,8 @@ def run(target_name: str, cases: List[Case], workers: int, configs=None, loops_o
                 except bench_competitors.Unavailable as exc:
                     print(f"[{target_name}] {case.key} {comp}: {exc}", file=sys.stderr)
     launches = [e for evs in captured.values() for e in evs if isinstance(e, Launch)]
+    quant = {} if loops_only else {gpu.name: capture_quant_norms(target_name, gpu.sms) for gpu in gpus}
+    launches += [ln for rows in quant.values() for *_, lns in rows for ln in lns]
     if loops_only:
         launches = [ln for ln in launches if ln.kernel in GEMM_LAYOUTS]
     anchors = [anchor_launch(layout, 0) for layout in tutorial_matmul.LAYOUTS]
@@ -612,7 +650,13 @@ def run(target_name: str, cases: List[Case], workers: int, configs=None, loops_o
                                    eager=sum(1 for it in items if it["kind"] == "eager"))
             per_gpu[gpu.name] = _ratios(case, comps)
         case_rows.append(dict(case=case.key, mode=case.mode, shape=case.shape, M=case.M, r=case.r, gpus=per_gpu))
-    return dict(target=target_name, kernels=kernel_rows, cases=case_rows, seconds=seconds)
+    quant_rows = []
+    for gpu in gpus:
+        for shape, r, base, lns in quant[gpu.name]:
+            items = [_best_config(gpu, ln, picks[id(ln)], sass_of)[1] for ln in lns]
+            quant_rows.append(dict(gpu=gpu.name, shape=shape, r=r, base=base, items=items,
+                                   us=sum(it["us"] for it in items)))
+    return dict(target=target_name, kernels=kernel_rows, cases=case_rows, quant_norms=quant_rows, seconds=seconds)
 
 
 def _best_config(gpu: Gpu, ln: Launch, pick_default, sass_of):
@@ -743,6 +787,29 @@ def light_pass_check(cases, gpu: Gpu):
     return L
 
 
+def quant_norm_table(rows, gpu: Gpu):
+    """Markdown lines: issue 20's norm of a QDoRA layer (from the packed 4-bit codes) beside the
+    same layer's norm over a bf16 weight, per Llama shape and rank, on ``gpu``."""
+    L = ["", f"## QDoRA: the norm from 4-bit codes (issue 20), {gpu.name}", "",
+         "A training forward's norm of one layer: `kernels/quant_norm.py` reading bitsandbytes' packed NF4 codes "
+         "(blocksize 64, double quantization: 0.53 bytes a weight), against `kernels/norm.py` over the same layer "
+         "in bf16 (2 bytes a weight). `launches`: the norm pass and, with K split, the finishing launch; `bytes us`: "
+         f"the launches' bytes at the {gpu.hbm_tbs} TB/s peak; `bound`: the norm pass's.", "",
+         "| shape | r | 4-bit us | config | bound | bytes us | bf16 norm us | 4-bit / bf16 |",
+         "|---|---:|---:|---|---|---:|---:|---:|"]
+    by_key = {(q["shape"], q["r"], q["base"]): q for q in rows if q["gpu"] == gpu.name}
+    for (shape, r, base), q in by_key.items():
+        if base != "4-bit":
+            continue
+        dense = by_key.get((shape, r, "bf16"))
+        main = q["items"][0]
+        nbytes = sum(it.get("bytes", 0) for it in q["items"]) / (gpu.hbm_tbs * 1e6)
+        L.append(f"| {shape} | {r} | {q['us']:.1f} ({len(q['items'])}) | {main.get('config', '')} "
+                 f"| {main.get('bound', '-')} | {nbytes:.1f} | {_f(dense and dense['us'], '{:.1f}')} "
+                 f"| {_f(dense and q['us'] / dense['us'])}x |")
+    return L
+
+
 def markdown(result: dict, argv: str, full: bool = False) -> str:
     """The report: assumptions, predicted ratios per case, the GEMMs against the anchor (summary),
     the fused launches of the q/o cases at M=4096; ``full``: every kernel row and every case's
@@ -824,6 +891,8 @@ def markdown(result: dict, argv: str, full: bool = False) -> str:
                      f"| {r['regs']} | {r['shared']:,} | {r['occupancy'][gpus[0].name]} |")
     if cases:
         L += light_pass_check(cases, gpus[0])
+    if result.get("quant_norms"):
+        L += quant_norm_table(result["quant_norms"], gpus[0])
     if cases:
         L += ["", "## Per launch at M=4096 (the config a perfect autotuner takes)" + ("" if full else ", q/o cases"),
               "",
@@ -944,7 +1013,8 @@ def main(argv=None) -> int:
         Path(opts.predictions).write_text(predictions_json(opts.target, summary_json(result), args_text))
     if opts.json:
         Path(opts.json).write_text(json.dumps(dict(target=opts.target, predictions=summary_json(result),
-                                                   kernels=result["kernels"], cases=_slim_cases(result["cases"])),
+                                                   kernels=result["kernels"], cases=_slim_cases(result["cases"]),
+                                                   quant_norms=result.get("quant_norms", [])),
                                               indent=1, default=str))
     failures = dx_loop_check(result["kernels"]) if opts.check_dx else []
     for f in failures:
