@@ -154,3 +154,25 @@ def test_predictions_are_read_for_the_device(tmp_path):
     assert predicted(preds, "train0 kv M=4096 r=16 bf16+fp32") is None
     assert load_predictions("NVIDIA H200", tmp_path) == {}  # no entry for that GPU
     assert load_predictions("NVIDIA GeForce RTX 4090", tmp_path) == {}
+
+
+def test_quant_norm_launches_are_captured():
+    """Issue 20's rows of the cost model: per Llama shape and rank, the 4-bit norm (the packed
+    codes, no dense [N, K] weight) and the bf16 norm of the same layer, captured on meta tensors;
+    the 4-bit pass moves a quarter to 0.4 of the bf16 pass's bytes. No compile: a subprocess
+    without TRITON_INTERPRET (capturing needs Triton's JIT launchers)."""
+    script = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import cost_model as cm\n"
+        "rows = cm.capture_quant_norms('sm_90', 132)\n"
+        "print(json.dumps([[s, r, b, [l.kernel for l in lns], cm.launch_bytes(lns[0])] for s, r, b, lns in rows]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {(s, r, b): (kernels, nbytes) for s, r, b, kernels, nbytes in json.loads(proc.stdout.splitlines()[-1])}
+    assert {(s, r) for s, r, _ in rows} == {(s, r) for s in ("qo", "kv", "up", "down") for r in (16, 64)}
+    for (shape, r, base), (kernels, nbytes) in rows.items():
+        assert kernels[0] == ("_quant_row_sumsq_kernel" if base == "4-bit" else "_row_sumsq_kernel")
+        assert set(kernels[1:]) <= {"_finish_row_norm_kernel"}
+        if base == "4-bit":
+            assert 0.2 < nbytes / rows[(shape, r, "bf16")][1] < 0.4, (shape, r)  # the adapters are read alike
