@@ -296,7 +296,17 @@ def _capturing(target_name: str, sms: int, events: list):
     cr.driver.set_active(cr.TargetDriver(cr.TARGETS[target_name][0]))
 
     def record(name, *args, grid, warmup, **kwargs):
-        events.append(Launch(name, args, kwargs, grid))
+        # meta stand-ins, not the tensors themselves: a launch holding the gradients it wrote would
+        # keep autograd from taking them as .grad (it would copy them: eager copy_ ops a real step
+        # does not run); one stand-in per tensor, so a tensor passed twice is counted once
+        twins = {}
+
+        def twin(v):
+            if isinstance(v, torch.Tensor) and id(v) not in twins:
+                twins[id(v)] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+            return twins.get(id(v), v) if isinstance(v, torch.Tensor) else v
+
+        events.append(Launch(name, tuple(twin(v) for v in args), {k: twin(v) for k, v in kwargs.items()}, grid))
 
     require_triton = bench_competitors._require_triton  # bench.py's own check: meta tensors are no GPU
     bench_competitors._require_triton = lambda dev: None
