@@ -64,6 +64,11 @@ def _shift(blocksize: int) -> int:
     return blocksize.bit_length() - 1
 
 
+def _row_aligned(K: int, blocksize: int) -> bool:
+    """Every row of W [N, K] starts at a whole byte and a whole block (dequant_4bit_rows)."""
+    return K % 2 == 0 and K % int(blocksize) == 0
+
+
 def _quant_sumsq_smem_bytes(a) -> int:
     """The B and A tiles of each pipeline stage (the codes are gathered, not staged), and the
     [BLOCK_N, BLOCK_K] fp32 product tile that may change layout before it meets the weight tile."""
@@ -102,7 +107,52 @@ def dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
     return w
 
 
-@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG, key=["N", "K", "R", "k_splits", "NESTED", "ROUND_TO", "PRECISION"],
+@triton.jit
+def dequant_4bit_rows(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row0, rows, row_ok, k0, K,
+                      mask,
+                      BLOCK_K: tl.constexpr, BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr,
+                      NESTED: tl.constexpr, ROUND_TO: tl.constexpr):
+    """fp32 tile [len(rows), BLOCK_K] of dequant(W) at rows row0 + rows, columns k0 .. k0 + BLOCK_K
+    (0 where not ``mask``), the arithmetic of `dequant_4bit_tile`, for K a multiple of the block
+    size: every row then starts at a whole byte and a whole block, so a row's codes are BLOCK_K / 2
+    consecutive bytes, each loaded once and split into its two nibbles, and its scales
+    BLOCK_K / blocksize consecutive blocks (one when the block is wider than the tile), each formed
+    once and broadcast over its elements: a quarter of the general tile's loads and index
+    arithmetic (benchmarks/NOTES.md, attempt 9). ``rows`` int32 from row0 (int64), ``row_ok`` where
+    they are rows of W; ``mask`` [len(rows), BLOCK_K] the elements to keep."""
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    pairs = tl.arange(0, BLOCK_K // 2)
+    pair_ok = (k0 + 2 * pairs) < K
+    byte = tl.load(packed_ptr + row0 * (K // 2) + (rows * (K // 2) + k0 // 2)[:, None] + pairs[None, :],
+                   mask=row_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
+    # element 2j in the high nibble of byte j, 2j + 1 in the low one
+    value = tl.reshape(tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))), (BLOCK_N, BLOCK_K))
+    NB: tl.constexpr = max(BLOCK_K >> BLOCK_SHIFT, 1)  # blocks across the tile
+    blocks_per_row = K >> BLOCK_SHIFT
+    block = (k0 >> BLOCK_SHIFT) + tl.arange(0, NB)
+    block_ok = row_ok[:, None] & (block < blocks_per_row)[None, :]
+    first = row0 * blocks_per_row                            # int64: the tile's first row's first block
+    local = rows[:, None] * blocks_per_row + block[None, :]  # from it
+    if NESTED:
+        q = tl.load(absmax_ptr + first + local, mask=block_ok, other=0).to(tl.int32)
+        nested = (local + (first & ((1 << NESTED_SHIFT) - 1)).to(tl.int32)) >> NESTED_SHIFT
+        scale = tl.load(code2_ptr + q, mask=block_ok, other=0.0) * tl.load(
+            absmax2_ptr + (first >> NESTED_SHIFT) + nested, mask=block_ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + first + local, mask=block_ok, other=0.0)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, BLOCK_K // NB)), (BLOCK_N, BLOCK_K))
+    w = value * scale
+    if ROUND_TO == 1:
+        w = w.to(tl.float16).to(tl.float32)
+    elif ROUND_TO == 2:
+        bits = w.to(tl.uint32, bitcast=True)
+        w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return tl.where(mask, w, 0.0)
+
+
+@autotune(_GPU_CONFIGS, _INTERPRETER_CONFIG,
+          key=["N", "K", "R", "k_splits", "NESTED", "ROUND_TO", "ROW_ALIGNED", "PRECISION"],
           smem_bytes=_quant_sumsq_smem_bytes, case_dtypes=(None, "lora_a_ptr"))
 @triton.jit
 def _quant_row_sumsq_kernel(
@@ -115,6 +165,7 @@ def _quant_row_sumsq_kernel(
     scaling,
     k_splits,                              # the slices of K reduced in parallel
     BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr, ROUND_TO: tl.constexpr,
+    ROW_ALIGNED: tl.constexpr,             # K a multiple of the block size (and even): dequant_4bit_rows
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     FINISH: tl.constexpr,                  # one slice (k_splits == 1): store the square root
 ):
@@ -137,8 +188,14 @@ def _quant_row_sumsq_kernel(
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
         mask = row_ok[:, None] & col_ok[None, :]
-        w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                              row0.to(tl.int64) * K + k0, local_rows, mask, BLOCK_SHIFT, NESTED_SHIFT, NESTED, ROUND_TO)
+        if ROW_ALIGNED:
+            w = dequant_4bit_rows(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                  row0.to(tl.int64), tl.arange(0, BLOCK_N), row_ok, k0, K, mask, BLOCK_K, BLOCK_SHIFT,
+                                  NESTED_SHIFT, NESTED, ROUND_TO)
+        else:
+            w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                  row0.to(tl.int64) * K + k0, local_rows, mask, BLOCK_SHIFT, NESTED_SHIFT, NESTED,
+                                  ROUND_TO)
         ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             ranks = r0 + tl.arange(0, BLOCK_R)
@@ -187,7 +244,8 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling), k_splits,
         BLOCK_SHIFT=_shift(blocksize), NESTED_SHIFT=_shift(nested_blocksize), NESTED=nested,
-        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_R=block_r(R), PRECISION=precision, FINISH=k_splits == 1,
+        ROUND_TO=_ROUND_TO[weight_dtype], ROW_ALIGNED=_row_aligned(K, blocksize), BLOCK_R=block_r(R),
+        PRECISION=precision, FINISH=k_splits == 1,
         enable_fp_fusion=False,
     )
     return partial[0] if k_splits == 1 else finish_row_norm(partial)
@@ -196,7 +254,8 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
 @triton.jit
 def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, N, K,
                          BLOCK_SHIFT: tl.constexpr, NESTED_SHIFT: tl.constexpr, NESTED: tl.constexpr,
-                         ROUND_TO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         ROUND_TO: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     row0 = tl.program_id(0) * BLOCK_N
     k0 = tl.program_id(1) * BLOCK_K
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -204,17 +263,24 @@ def _dequant_4bit_kernel(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_pt
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     local = tl.arange(0, BLOCK_N)[:, None] * K + tl.arange(0, BLOCK_K)[None, :]
     start = row0.to(tl.int64) * K + k0
-    w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, local, mask,
-                          BLOCK_SHIFT, NESTED_SHIFT, NESTED, ROUND_TO)
+    if ROW_ALIGNED:
+        w = dequant_4bit_rows(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, row0.to(tl.int64),
+                              tl.arange(0, BLOCK_N), rows < N, k0, K, mask, BLOCK_K, BLOCK_SHIFT, NESTED_SHIFT, NESTED,
+                              ROUND_TO)
+    else:
+        w = dequant_4bit_tile(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, start, local,
+                              mask, BLOCK_SHIFT, NESTED_SHIFT, NESTED, ROUND_TO)
     tl.store(out_ptr + start + local, w, mask=mask)
 
 
 def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape,
                           weight_dtype: torch.dtype, *, nested_absmax: Optional[torch.Tensor] = None,
                           nested_code: Optional[torch.Tensor] = None, nested_offset: Optional[torch.Tensor] = None,
-                          nested_blocksize: int = 256) -> torch.Tensor:
+                          nested_blocksize: int = 256, row_aligned: Optional[bool] = None) -> torch.Tensor:
     """The dense W [N, K] (fp32 holding ``weight_dtype`` values) exactly as the norm kernel forms its
-    tiles (``dequant_4bit_tile``). For tests and debugging only: the norm never materialises it."""
+    tiles (``dequant_4bit_rows`` where K is a multiple of the block size, else ``dequant_4bit_tile``;
+    ``row_aligned=False`` asks for the general one). For tests and debugging only: the norm never
+    materialises it."""
     N, K = int(shape[0]), int(shape[1])
     _check_row_span(K)
     out = torch.empty((N, K), dtype=torch.float32, device=packed.device)
@@ -224,6 +290,8 @@ def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torc
         packed, code, absmax, nested_absmax if nested else absmax, nested_code if nested else code,
         nested_offset if nested else code, out, N, K,
         BLOCK_SHIFT=_shift(blocksize), NESTED_SHIFT=_shift(nested_blocksize), NESTED=nested,
-        ROUND_TO=_ROUND_TO[weight_dtype], BLOCK_N=32, BLOCK_K=128, enable_fp_fusion=False,
+        ROUND_TO=_ROUND_TO[weight_dtype],
+        ROW_ALIGNED=_row_aligned(K, blocksize) if row_aligned is None else row_aligned,
+        BLOCK_N=32, BLOCK_K=128, enable_fp_fusion=False,
     )
     return out

@@ -106,6 +106,28 @@ def test_kernel_dequantization_equals_bitsandbytes(quant_type, nested, blocksize
 
 
 @needs_kernels
+@pytest.mark.parametrize("blocksize", BNB_4BIT_BLOCKSIZES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
+def test_row_aligned_dequantization_equals_bitsandbytes(nested, blocksize):
+    """K a multiple of the block size (every Llama projection): whole-byte, whole-block rows, the
+    codes read a byte pair at a time and the scales once a block (dequant_4bit_rows); ragged N, a
+    ragged last column tile, blocks narrower and wider than the tile; equal to bitsandbytes and to
+    the general tile, bit for bit."""
+    K = quant_kernels()
+    Kdim = blocksize * -(-200 // blocksize)  # 224, 256, 256, 256, 512, ...: whole blocks a row
+    for quant_type in ("nf4", "fp4"):
+        for name, dtype in DTYPES.items():
+            w = params4bit(_randn(37, Kdim, seed=blocksize + 1, dtype=dtype), quant_type, nested, blocksize)
+            p, _ = describe_4bit(w)
+            args = (p.packed, p.code, p.absmax, p.blocksize, p.shape, p.dtype)
+            nested_args = dict(nested_absmax=p.nested_absmax, nested_code=p.nested_code,
+                               nested_offset=p.nested_offset, nested_blocksize=p.nested_blocksize)
+            aligned = K.dequantize_4bit_tiles(*args, **nested_args, row_aligned=True)
+            assert torch.equal(aligned, dequantized(w).float()), (quant_type, name)
+            assert torch.equal(aligned, K.dequantize_4bit_tiles(*args, **nested_args, row_aligned=False))
+
+
+@needs_kernels
 @pytest.mark.parametrize("shape", [(7, 33), (5, 1), (3, 129)], ids=str)
 def test_kernel_dequantization_odd_shapes(shape):
     """An odd element count: the last byte holds one code; rows start mid-byte."""
@@ -132,6 +154,7 @@ def _norm_case(N, Kdim, r, quant_type, nested, blocksize, dtype, adapter_dtype, 
 # to that dtype, as PEFT's norm sees them), adapters fp32 or fp16
 NORM_CASES = [((37, 83, 5), [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")]),
               ((64, 128, 1), [("bf16", "fp32")]),
+              ((21, 256, 20), [("fp16", "fp32"), ("bf16", "fp32")]),  # K a multiple of the block: dequant_4bit_rows
               ((20, 160, 20), [("fp32", "fp32"), ("fp16", "fp16")])]
 
 
