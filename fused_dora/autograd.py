@@ -1,7 +1,7 @@
 """The two autograd paths of the fused op, over one saved layout and one gradient formula.
 
 Shapes: x [M, K], W [N, K], bias b [N], A = lora_A [r, K], B = lora_B [N, r], magnitude g [N],
-scaling s, dropout with keep probability 1 - p (mask regenerated from a Philox seed).
+scaling s, dropout with keep probability 1 - p (p to 2**-16; mask regenerated from a Philox seed).
 
 Forward:
 

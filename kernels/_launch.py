@@ -89,11 +89,11 @@ SLICE_MIN = 32 if INTERPRET else 512
 def reduction_slices(length: int, base_programs: int, device: torch.device, splits=None):
     """(S, per_slice): a reduction of ``length`` split into S slices of ``per_slice`` (a multiple of
     SLICE_ALIGN; the last may be shorter, none empty) so that ``base_programs`` * S programs fill
-    the GPU (tuning.split_count: two per SM), each slice at least SLICE_MIN long.
-    ``splits``: ask for S (fewer if ``length`` is too short)."""
+    the GPU (tuning.split_count: two per SM), unasked at most length // SLICE_MIN slices (so no
+    slice is much shorter than SLICE_MIN). ``splits``: ask for S (fewer if ``length`` is too short)."""
     from .tuning import split_count
 
     if splits is None:
-        splits = split_count(base_programs, length, device, rows_per_split_min=SLICE_MIN)
+        splits = min(split_count(base_programs, length, device), max(1, length // SLICE_MIN))
     per_slice = triton.cdiv(triton.cdiv(max(length, 1), splits), SLICE_ALIGN) * SLICE_ALIGN
     return triton.cdiv(max(length, 1), per_slice), per_slice

@@ -1,8 +1,10 @@
 """Dropout masks regenerated from a seed (Philox), never stored.
 
 Element (row, col) of an [M, K] activation is dropped when its 16-bit draw d is below
-t = round(p * 2**16), so the drop probability is p rounded to a multiple of 2**-16 (at most
-7.6e-6 from p; kept elements are still scaled by 1 / (1 - p)). One Philox4x32-10 call gives 128
+t = floor(p * 2**16 + 1/2) (p in fp32), so the drop probability is t / 2**16, p rounded to a
+multiple of 2**-16 (at most 7.6e-6 from p); kept elements are still scaled by 1 / (1 - p), so the
+kept expectation is off by at most 7.6e-6 / (1 - p) relative (1e-5 at p = 0.25; only a p within
+a few 2**-16 of 1 would notice: at p >= 1 - 2**-17 every element is dropped). One Philox4x32-10 call gives 128
 random bits, eight draws: the call with counter (col // 8, row mod 2**32, row // 2**32, 0) and key
 ``seed`` serves columns col // 8 * 8 .. + 7 of that row, column 8q + 2w + h taking the low
 (h = 0) or high (h = 1) 16 bits of word w. The mask depends on the element's logical (row, col)

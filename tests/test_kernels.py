@@ -212,15 +212,17 @@ def test_forward_epilogue_in_column_halves_matches_fp64(monkeypatch, halves, sto
 @pytest.mark.parametrize("splits", [None, 1, 3, 64])
 def test_reduction_slices_tile_the_reduction(length, splits):
     """lora_down's K and lora_up_grad's N slices: aligned starts (the dropout mask's Philox groups),
-    none empty, together exactly the reduction, at most the slices asked; unasked, as many as fill
-    the GPU where the reduction is long enough."""
-    from fused_dora.kernels._launch import SLICE_ALIGN, reduction_slices
+    none empty, together exactly the reduction, at most the slices asked; unasked, at most
+    length // SLICE_MIN of them."""
+    from fused_dora.kernels._launch import SLICE_ALIGN, SLICE_MIN, reduction_slices
 
     count, per_slice = reduction_slices(length, 4, torch.device("cpu"), splits)
     assert per_slice % SLICE_ALIGN == 0 and count >= 1
     assert (count - 1) * per_slice < length <= count * per_slice
     if splits is not None:
         assert count <= splits
+    else:
+        assert count <= max(1, length // SLICE_MIN)
 
 
 @pytest.mark.parametrize("length", [4096, 14336])

@@ -150,11 +150,12 @@ def _norm_case(N, Kdim, r, quant_type, nested, blocksize, dtype, adapter_dtype, 
 
 
 # (N, K, r) and the (weight dtype, adapter dtype) cases run on it: ragged N and K, r = 1, r above
-# the rank chunk (16 under the interpreter); weights quantized from fp32, fp16 and bf16 (dequantized
-# to that dtype, as PEFT's norm sees them), adapters fp32 or fp16
+# the rank chunk (16 under the interpreter), K = 128 and 256 multiples of the block
+# (dequant_4bit_rows); weights quantized from fp32, fp16 and bf16 (dequantized to that dtype, as
+# PEFT's norm sees them), adapters fp32 or fp16
 NORM_CASES = [((37, 83, 5), [("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp32"), ("fp16", "fp16")]),
               ((64, 128, 1), [("bf16", "fp32")]),
-              ((21, 256, 20), [("fp16", "fp32"), ("bf16", "fp32")]),  # K a multiple of the block: dequant_4bit_rows
+              ((21, 256, 20), [("fp16", "fp32"), ("bf16", "fp32")]),
               ((20, 160, 20), [("fp32", "fp32"), ("fp16", "fp16")])]
 
 
@@ -173,9 +174,13 @@ def test_norm_matches_fp64(quant_type, nested, blocksize):
 
 @needs_kernels
 @pytest.mark.parametrize("blocksize", [32, 256, 1024, 4096])
-def test_norm_other_blocksizes_and_k_splits(blocksize):
+@pytest.mark.parametrize("row_aligned", [False, True], ids=["general", "row-aligned"])
+def test_norm_other_blocksizes_and_k_splits(blocksize, row_aligned):
+    """K = 200 (blocks cross rows: the general tile) or a multiple of the block (dequant_4bit_rows:
+    blocks narrower and wider than the tile, nested blocks across rows), K split or not."""
     K = quant_kernels()
-    w, lora_A, lora_B, truth = _norm_case(33, 200, 6, "nf4", True, blocksize, torch.float16, torch.float32, seed=3)
+    Kdim = max(512, blocksize) if row_aligned else 200
+    w, lora_A, lora_B, truth = _norm_case(33, Kdim, 6, "nf4", True, blocksize, torch.float16, torch.float32, seed=3)
     p, _ = describe_4bit(w)
     for splits in (None, 1, 3):
         norm = K.dora_quant_row_norm(p.packed, p.code, p.absmax, p.blocksize, p.shape, p.dtype, lora_A, lora_B, 1.3,
