@@ -231,6 +231,14 @@ def compile_for(target_name: str, fn, args, kwargs):
     return fn.warmup(*args, grid=(1,), **kwargs)
 
 
+def _error_line(exc) -> str:
+    """The line of a compiler error that names the problem: Triton's CompilationError ends with the
+    source excerpt and a caret line, so the last line alone says nothing."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip().strip("^~ ")]
+    named = [ln for ln in lines if "Error" in ln or "error" in ln or "at " in ln[:4]]
+    return " / ".join((named or lines or ["?"])[-2:])[:300]
+
+
 def compile_one(job):
     """{shared, regs, stack, mma, error, seconds} for one (target, kernel, args, config)."""
     target_name, name, args, kwargs, config_index = job
@@ -240,8 +248,7 @@ def compile_one(job):
     try:
         compiled = compile_for(target_name, tuned.kernel.fn, args, {**kwargs, **cfg.all_kwargs()})
     except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return dict(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}",
-                    seconds=time.perf_counter() - start)
+        return dict(error=f"{type(exc).__name__}: {_error_line(exc)}", seconds=time.perf_counter() - start)
     regs, stack = resource_usage(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     mma = "+".join(m for m, pat in (("tcgen05", "tcgen05.mma"), ("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"))

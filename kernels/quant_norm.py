@@ -127,7 +127,9 @@ def dequant_4bit_rows(packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, 
                    mask=row_ok[:, None] & pair_ok[None, :], other=0).to(tl.int32)
     # element 2j in the high nibble of byte j, 2j + 1 in the low one
     value = tl.reshape(tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))), (BLOCK_N, BLOCK_K))
-    NB: tl.constexpr = max(BLOCK_K >> BLOCK_SHIFT, 1)  # blocks across the tile
+    # blocks across the tile, max(BLOCK_K / blocksize, 1) for powers of two; written as a rounded-up
+    # shift because triton 3.3 does not fold the builtin max of constexprs into a constexpr
+    NB: tl.constexpr = (BLOCK_K + (1 << BLOCK_SHIFT) - 1) >> BLOCK_SHIFT
     blocks_per_row = K >> BLOCK_SHIFT
     block = (k0 >> BLOCK_SHIFT) + tl.arange(0, NB)
     block_ok = row_ok[:, None] & (block < blocks_per_row)[None, :]
