@@ -232,11 +232,16 @@ def compile_for(target_name: str, fn, args, kwargs):
 
 
 def _error_line(exc) -> str:
-    """The line of a compiler error that names the problem: Triton's CompilationError ends with the
-    source excerpt and a caret line, so the last line alone says nothing."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip().strip("^~ ")]
-    named = [ln for ln in lines if "Error" in ln or "error" in ln or "at " in ln[:4]]
-    return " / ".join((named or lines or ["?"])[-2:])[:300]
+    """What a compiler error says went wrong: Triton's CompilationError ends with a source excerpt
+    and a caret line, and chains the error that names the problem, so report the innermost cause's
+    message beside the outer error's position."""
+    inner = exc
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__
+    where = next((ln.strip() for ln in str(exc).strip().splitlines() if ln.strip().startswith("at ")), "")
+    what = " ".join(str(inner).split())[-200:] if inner is not exc else ""
+    text = f"{where} {type(inner).__name__}: {what}" if what else " ".join(str(exc).split())[-200:]
+    return text.strip()
 
 
 def compile_one(job):
