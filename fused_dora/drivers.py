@@ -137,6 +137,10 @@ def fused_forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, dro
         return y, su, (x.new_empty((0, N)) if store_q else None), norm
     norm_out = None
     if norm is None:
+        # the direct norm: the factored one (kernels/norm.py, G from forward.lora_down_and_gram) is
+        # not used here yet: its bits depend on lora_down's M-dependent K slices, and a no_grad
+        # forward's norm (norm_cache, e.g. a reentrant checkpoint's first pass) must equal this
+        # one bit for bit (benchmarks/NOTES.md, attempt 11)
         norm = row_norm_partials(weight, lora_A, lora_B, scaling)
         norm_out = torch.empty((N,), dtype=torch.float32, device=x.device)
     su_part = lora_down(x, lora_A, scaling, dropout_p, seed)

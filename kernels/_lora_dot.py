@@ -44,10 +44,14 @@ def lora_dot(a, b, acc, dtype, PRECISION: tl.constexpr):
     """acc [P, Q] fp32 + a [P, S] @ b [S, Q].
 
     PRECISION "bf16x3": a or b is bf16 (used as it is), the other fp32 (split by `split_bf16`);
-    the smallest parts are added first. Otherwise both are cast to ``dtype`` and multiplied with
-    tl.dot's input_precision=PRECISION ("tf32x3", "tf32", "ieee"; ignored for 16-bit dtypes).
+    the smallest parts are added first. "exact16": a and b are 16-bit tiles of one dtype, multiplied
+    as they are (exact products; in fp32 under the interpreter, see _bf16_mma). Otherwise both are
+    cast to ``dtype`` and multiplied with tl.dot's input_precision=PRECISION ("tf32x3", "tf32",
+    "ieee"; ignored for 16-bit dtypes).
     """
-    if PRECISION == "bf16x3":
+    if PRECISION == "exact16":
+        acc = _bf16_mma(a, b, acc)
+    elif PRECISION == "bf16x3":
         if a.dtype == tl.float32:
             hi, mid, lo = split_bf16(a)
             acc = _bf16_mma(lo, b, acc)
@@ -61,6 +65,16 @@ def lora_dot(a, b, acc, dtype, PRECISION: tl.constexpr):
     else:
         acc = tl.dot(a.to(dtype), b.to(dtype), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def gram_dot(a_t, acc):
+    """acc [R, R] fp32 + a_t.T @ a_t for a tile a_t [S, R] of A.T, at fp32 accuracy: 16-bit tiles
+    multiply exactly (products of two 16-bit numbers are exact in the fp32 accumulator), fp32 ones
+    with 3xTF32, as the norm's own products (norm.py)."""
+    if a_t.dtype == tl.float32:
+        return tl.dot(tl.trans(a_t), a_t, acc, input_precision="tf32x3")
+    return _bf16_mma(tl.trans(a_t), a_t, acc)
 
 
 @triton.jit

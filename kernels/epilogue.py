@@ -33,13 +33,14 @@ def norm_arguments(norm: torch.Tensor, norm_out: Optional[torch.Tensor]) -> Tupl
 def finished_norm(norm_ptr, outs, out_ok, N, NORM_SPLITS: tl.constexpr):
     """n [len(outs)] fp32, not clamped: norm_ptr holds n [N] itself (NORM_SPLITS == 0) or the norm
     pass's partial sums of squares [NORM_SPLITS, N], added in order and square-rooted (correctly
-    rounded), as norm.finish_row_norm does."""
+    rounded, the sum clamped at 0), as norm.finish_row_norm does."""
     if NORM_SPLITS == 0:
         return tl.load(norm_ptr + outs, mask=out_ok, other=1.0)
     sumsq = tl.load(norm_ptr + outs, mask=out_ok, other=1.0)
     for split in tl.static_range(1, NORM_SPLITS):
         sumsq += tl.load(norm_ptr + split * N + outs, mask=out_ok, other=0.0)
-    return tl.sqrt_rn(sumsq)
+    # clamped at 0: the factored norm's sum (norm.py) may round below 0 where n is ~0
+    return tl.sqrt_rn(tl.maximum(sumsq, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Forward kernels: the LoRA down-projection and the fused DoRA GEMM.
 
-    su   = s * dropout(x) @ A.T                 lora_down     fp32 partial sums [S, M, r] over slices of K;
+    su   = s * dropout(x) @ A.T                 lora_down     fp32 partial sums [S, M, r] over slices of K
+                                                              (and, for the factored norm, G = A @ A.T's [S, r, r]);
                                                 dora_forward  sums them, rounds su to the adapters'
                                                               dtype and writes su [M, r] for the backward
     ypre = x @ W.T + su @ B.T                   dora_forward  (r extra K-steps in the same GEMM)
@@ -26,7 +27,7 @@ from ._launch import (
     narrow_row_stride,
     reduction_slices,
 )
-from ._lora_dot import finished_su, lora_dot
+from ._lora_dot import finished_su, gram_dot, lora_dot
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
 from .tuning import autotune, m_bucket
@@ -46,15 +47,17 @@ def _down_smem_bytes(a) -> int:
     stage = (a["BLOCK_M"] + a["BLOCK_R"]) * a["BLOCK_K"] * (4 if a["UPCAST"] else a["x_ptr"].element_size())
     dropped = a["BLOCK_M"] * a["BLOCK_K"] * 4 if a["UPCAST"] and a["HAS_DROPOUT"] else 0
     parts = 3 * a["BLOCK_R"] * a["BLOCK_K"] * 2 if a["PRECISION"] == "bf16x3" else 0
-    return a["num_stages"] * stage + dropped + parts
+    gram = 2 * a["BLOCK_R"] * a["BLOCK_K"] * 4 if a["STORE_GRAM"] else 0  # the G loop's A tile, both layouts
+    return max(a["num_stages"] * stage + dropped + parts, gram)
 
 
 @autotune(_DOWN_GPU_CONFIGS, _DOWN_INTERPRETER_CONFIG,
-          key=["m_bucket", "K", "R", "k_splits", "HAS_DROPOUT", "PRECISION"],
+          key=["m_bucket", "K", "R", "k_splits", "HAS_DROPOUT", "PRECISION", "STORE_GRAM"],
           smem_bytes=_down_smem_bytes, case_dtypes=("x_ptr", "lora_a_ptr"))
 @triton.jit(do_not_specialize=["seed"])
 def _lora_down_kernel(
     x_ptr, lora_a_ptr, su_ptr,           # x [M, K], A [R, K], su partial sums [k_splits, M, R] fp32
+    gram_ptr,                            # G = A @ A.T partial sums [k_splits, R, R] fp32 (if STORE_GRAM)
     M, K, R,
     m_bucket,                            # autotune key only
     k_splits, k_per_split,               # the slices of K reduced in parallel (program_id(2)), their length
@@ -62,6 +65,7 @@ def _lora_down_kernel(
     scaling, seed, p,
     HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_GRAM: tl.constexpr,            # one rank chunk (R <= BLOCK_R): the first row of programs adds up G
 ):
     dtype = x_ptr.dtype.element_ty
     if UPCAST:  # fp32 adapters: multiply in fp32 (see _launch.lora_precision)
@@ -89,6 +93,18 @@ def _lora_down_kernel(
     if HAS_DROPOUT:
         acc = acc / (1.0 - p)
     tl.store(su_ptr + rows[:, None] * R + ranks[None, :], acc * scaling, mask=row_ok[:, None] & rank_ok[None, :])
+    if STORE_GRAM:
+        # the factored norm's G over this slice, by the first row of programs only, in a loop of its own
+        # (A's slice again, from L2) so that the main loop stays as it is for every other program
+        if tl.program_id(0) == 0:
+            gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                a_t = tl.load(lora_a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                              mask=rank_ok[None, :] & (cols < k_end)[:, None], other=0.0)
+                gram = gram_dot(a_t, gram)
+            tl.store(gram_ptr + tl.program_id(2) * R * R + ranks[:, None] * R + ranks[None, :], gram,
+                     mask=rank_ok[:, None] & rank_ok[None, :])
 
 
 def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: float = 0.0,
@@ -100,6 +116,26 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: 
     dropout_p > 0 applies the Philox mask of ``seed`` with the 1/(1-p) scale. ``splits`` asks for
     S (default: enough to fill the GPU, see _launch.reduction_slices).
     """
+    return _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram=False)[0]
+
+
+def lora_down_and_gram(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+                       seed: int = 0, splits: Optional[int] = None):
+    """(su partial sums [S, M, r], G partial sums [S, r, r]) fp32 in one launch: `lora_down`, and
+    G = lora_A @ lora_A.T over the same S slices of K (fp32 accuracy: 3xTF32 for fp32 A, exact
+    products for 16-bit A), which the factored norm (norm.row_norm_partials) reads. Only for r at
+    most `factored_rank_limit` (one rank chunk). Arguments as `lora_down`."""
+    if lora_A.shape[0] > factored_rank_limit():
+        raise ValueError(f"lora_down_and_gram: rank {lora_A.shape[0]} above {factored_rank_limit()}")
+    return _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram=True)
+
+
+def factored_rank_limit() -> int:
+    """The largest rank whose G = A @ A.T one program of lora_down forms: one rank chunk (`block_r`)."""
+    return block_r(64)
+
+
+def _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram: bool):
     x = narrow_row_stride(x)
     M, K = x.shape
     R = lora_A.shape[0]
@@ -107,15 +143,16 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dropout_p: 
     r_chunks = triton.cdiv(R, BR)
     k_splits, k_per_split = reduction_slices(K, triton.cdiv(M, 64) * r_chunks, x.device, splits)
     su = torch.empty((k_splits, M, R), dtype=torch.float32, device=x.device)
+    gram = torch.empty((k_splits, R, R), dtype=torch.float32, device=x.device) if store_gram else None
     upcast, precision = lora_precision(x.dtype, lora_A.dtype)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, k_splits)
     _lora_down_kernel[grid](
-        x, lora_A, su, M, K, R, m_bucket(M), k_splits, k_per_split,
+        x, lora_A, su, gram if store_gram else su, M, K, R, m_bucket(M), k_splits, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),
-        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
+        HAS_DROPOUT=dropout_p > 0, BLOCK_R=BR, UPCAST=upcast, PRECISION=precision, STORE_GRAM=store_gram,
     )
-    return su
+    return su, gram
 
 
 _GEMM_GPU_CONFIGS = gemm_configs(GEMM_TILES, out_cols="BLOCK_N", reduction="BLOCK_K")

@@ -143,10 +143,13 @@ def spill_case(args, case_dtypes) -> str:
 
 
 def case_variant(args) -> str:
-    """The switch a case is about: dropout on / off, the forward epilogue's training (q stored) /
-    inference, or lora_up_grad's e = dy * c stored (the composed route) / not ("-")."""
+    """The switch a case is about: dropout on / off (and lora_down adding up G for the factored
+    norm: " gram"), the forward epilogue's training (q stored) / inference, the norm's factored
+    sum / direct ("-"), or lora_up_grad's e = dy * c stored (the composed route) / not ("-")."""
     if "HAS_DROPOUT" in args:
-        return "dropout" if args["HAS_DROPOUT"] else "no-dropout"
+        return ("dropout" if args["HAS_DROPOUT"] else "no-dropout") + (" gram" if args.get("STORE_GRAM") else "")
+    if args.get("GRAM_SLICES"):
+        return "factored"
     if "STORE_Q" in args:
         return "training" if args["STORE_Q"] else "inference"
     return "store-e" if args.get("STORE_E") else "-"

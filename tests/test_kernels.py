@@ -29,6 +29,61 @@ def test_row_norm_mixed_dtypes():
     assert rel_err(norm, ref) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(53, 45, 1), (70, 40, 16), (33, 100, 12), (7, 300, 3)], ids=str)
+@pytest.mark.parametrize("down_splits,k_splits", [(1, None), (3, 2)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32)], ids=lambda d: "/".join(str(t)[6:] for t in d))
+def test_factored_row_norm_matches_fp64(shape, down_splits, k_splits, dtypes):
+    """The training forward's norm at r <= 64: lora_down adds up G = A @ A.T over its K slices, the
+    norm pass (its own K slices) forms ||W||^2 + 2s (W @ A.T) . B + s^2 B G B^T; lora_down's su is
+    bit for bit the plain launch's."""
+    N, Kdim, r = shape
+    t = make_inputs(9, Kdim, N, r, dtype=dtypes[0], adapter_dtype=dtypes[1], seed=N)
+    su, gram = forward.lora_down_and_gram(t["x"], t["lora_A"], 1.3, splits=down_splits)
+    assert gram.shape == (su.shape[0], r, r) and gram.dtype == torch.float32
+    assert torch.equal(su, forward.lora_down(t["x"], t["lora_A"], 1.3, splits=down_splits))
+    a64 = t["lora_A"].double()
+    assert rel_err(gram.sum(0), a64 @ a64.T) < 1e-6
+    norm = norm_kernels.finish_row_norm(norm_kernels.row_norm_partials(t["weight"], t["lora_A"], t["lora_B"], 1.3,
+                                                                       k_splits=k_splits, gram=gram))
+    ref = reference.weight_norm(t["weight"].double(), a64, t["lora_B"].double(), 1.3)
+    assert norm.dtype == torch.float32 and norm.shape == (N,)
+    assert rel_err(norm, ref) < 1e-5
+
+
+@pytest.mark.parametrize("k_splits", [1, 3])
+def test_factored_row_norm_near_cancellation_and_zero_rows(k_splits):
+    """Rows that s * B @ A nearly cancels (n_j down to 1e-6 ||W_j||): the factored sum's error on
+    n_j^2 stays within a few eps * (||W_j|| + s ||(BA)_j||)^2 (kernels/norm.py) and n_j is never
+    negative or NaN; an all-zero row (W_j = 0, B_j = 0) is exactly 0, a zero W row with B_j != 0
+    is s ||(BA)_j||; a NaN in W stays NaN (the clamp at 0 propagates it)."""
+    g = torch.Generator().manual_seed(7)
+    N, Kdim, r, s = 40, 200, 8, 2.0
+    lora_A, lora_B = torch.randn(r, Kdim, generator=g), torch.randn(N, r, generator=g)
+    ba = lora_B.double() @ lora_A.double()
+    weight = torch.randn(N, Kdim, generator=g)
+    for j, d in enumerate([1e-1, 1e-2, 1e-3, 1e-4, 1e-6]):
+        weight[j] = (-s * ba[j] + d * torch.randn(Kdim, generator=g, dtype=torch.float64)).float()
+    weight[10], lora_B[10] = 0.0, 0.0
+    weight[11] = 0.0
+    weight[12, 5] = float("nan")
+    _, gram = forward.lora_down_and_gram(torch.randn(3, Kdim, generator=g), lora_A, s)
+    norm = norm_kernels.finish_row_norm(norm_kernels.row_norm_partials(weight, lora_A, lora_B, s, k_splits=k_splits,
+                                                                       gram=gram)).double()
+    ref = reference.weight_norm(weight.double(), lora_A.double(), lora_B.double(), s)
+    assert torch.isnan(norm[12]) and torch.isnan(ref[12])
+    ok = torch.ones(N, dtype=torch.bool)
+    ok[12] = False
+    assert torch.isfinite(norm[ok]).all() and (norm[ok] >= 0).all()
+    assert norm[10] == 0.0
+    assert rel_err(norm[11], s * ba[11].norm()) < 1e-6
+    scale = weight.double().norm(dim=1) + s * (lora_B.double() @ lora_A.double()).norm(dim=1)
+    bound = 8 * 2.0**-24 * scale**2
+    assert ((norm**2 - ref**2).abs()[ok] <= bound[ok]).all()
+    assert rel_err(norm[13:], ref[13:]) < 1e-5  # rows not cancelled keep fp32 accuracy
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_adapter_grad_reductions_any_split(splits, adapter_dtype):
