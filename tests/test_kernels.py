@@ -35,9 +35,9 @@ def test_row_norm_mixed_dtypes():
                                     (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                     (torch.float16, torch.float32)], ids=lambda d: "/".join(str(t)[6:] for t in d))
 def test_factored_row_norm_matches_fp64(shape, down_splits, k_splits, dtypes):
-    """The training forward's norm at r <= 64: lora_down adds up G = A @ A.T over its K slices, the
-    norm pass (its own K slices) forms ||W||^2 + 2s (W @ A.T) . B + s^2 B G B^T; lora_down's su is
-    bit for bit the plain launch's."""
+    """The factored norm (kernels/norm.py; not yet the forward's, see NOTES attempt 11), r <= 64:
+    lora_down adds up G = A @ A.T over its K slices, the norm pass (its own K slices) forms
+    ||W||^2 + 2s (W @ A.T) . B + s^2 B G B^T; lora_down's su is bit for bit the plain launch's."""
     N, Kdim, r = shape
     t = make_inputs(9, Kdim, N, r, dtype=dtypes[0], adapter_dtype=dtypes[1], seed=N)
     su, gram = forward.lora_down_and_gram(t["x"], t["lora_A"], 1.3, splits=down_splits)
