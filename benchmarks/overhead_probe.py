@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""GPU probe: where a FusedDoraLinear training step spends its time, host against device.
+
+    python benchmarks/overhead_probe.py [--out DIR] [--tokens 4096] [--features 4096] [--rank 16]
+
+The first GPU run (benchmarks/results/2026-12-04T1616_nvidia-h200.md) measured the qo training
+step at 5-6x the F.linear floor where the static model predicted 1.3-1.5x, and the norm at 8x its
+bytes. This probe separates the two possible causes for one layer (bf16 base, fp32 adapters):
+
+  host      wall time per step with no synchronisation inside the loop (the Python + launch path)
+  device    the sum of the step's GPU kernel times (torch.profiler), per kernel
+  step      wall time per step with a synchronisation at the end (what bench.py sees)
+
+and writes cProfile's top functions (by own time) for 20 steps. Runs on CPU too (tiny shape,
+Triton's interpreter) as a smoke test of the script itself.
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fused_dora import FusedDoraLinear  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int):
+    """(host seconds per step without sync, wall seconds per step with one final sync)."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    t_host = time.perf_counter() - t0
+    sync()
+    return t_host / steps, (time.perf_counter() - t0) / steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--features", type=int, default=4096)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    M, N, r = args.tokens, args.features, args.rank
+    torch.manual_seed(0)
+    report = []
+
+    def say(line=""):
+        print(line, flush=True)
+        report.append(line)
+
+    for dropout in (0.05, 0.0):
+        base = torch.nn.Linear(N, N, bias=False, device=dev, dtype=torch.bfloat16)
+        layer = FusedDoraLinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dropout=dropout, route="fused")
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        x = torch.randn(M, N, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+
+        def step(layer=layer, x=x, dy=dy):
+            layer(x).backward(dy)
+
+        def floor(base=base, x=x, dy=dy):
+            F.linear(x, base.weight).backward(dy)
+
+        for _ in range(3):  # autotune + compile
+            step()
+            floor()
+        host, wall = timed(step, args.steps)
+        fhost, fwall = timed(floor, args.steps)
+        say(f"## dropout {dropout}: M={M} N=K={N} r={r} bf16 + fp32 adapters, route fused")
+        say(f"fused step: host {host * 1e6:.0f} us (no sync), wall {wall * 1e6:.0f} us (synced)")
+        say(f"floor step: host {fhost * 1e6:.0f} us, wall {fwall * 1e6:.0f} us")
+
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(5):
+                step()
+            sync()
+        if dev == "cuda":
+            kern = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    kern[ev.name] = kern.get(ev.name, 0.0) + ev.device_time / 5
+            total = sum(kern.values())
+            say(f"device: {total:.0f} us of kernels per step ({len(kern)} distinct kernels)")
+            for name, us in sorted(kern.items(), key=lambda kv: -kv[1])[:16]:
+                say(f"  {us:8.1f} us  {name[:110]}")
+        (out / f"overhead_profile_p{dropout}.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.steps):
+            step()
+        sync()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(25)
+        (out / f"overhead_cprofile_p{dropout}.txt").write_text(buf.getvalue())
+        say("")
+        (out / "overhead_probe.txt").write_text("\n".join(report) + "\n")  # after each case: a cut run keeps it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
