@@ -1,8 +1,7 @@
 """Launch-argument helpers the kernel families share: row strides, rank chunks, MMA precisions."""
 import torch
-import triton
 
-from .tuning import INTERPRET
+from .tuning import INTERPRET, cdiv, current_arch, next_power_of_2, split_count
 
 
 def narrow_row_stride(t: torch.Tensor, tile_rows: int = 256) -> torch.Tensor:
@@ -29,7 +28,7 @@ def block_r(r: int) -> int:
     """
     if INTERPRET:
         return 16
-    return min(64, max(16, triton.next_power_of_2(r)))
+    return min(64, max(16, next_power_of_2(r)))
 
 
 def gemm_block_r(r: int) -> int:
@@ -39,7 +38,7 @@ def gemm_block_r(r: int) -> int:
     tiles (benchmarks/compile_report.py); on Hopper wgmma reads them from shared memory."""
     if INTERPRET:
         return 16
-    return block_r(r) if triton.runtime.driver.active.get_current_target().arch >= 90 else 16
+    return block_r(r) if current_arch() >= 90 else 16
 
 
 def epilogue_halves() -> bool:
@@ -50,7 +49,7 @@ def epilogue_halves() -> bool:
     before (the tiles taken on sm_90 and sm_80 do not spill)."""
     if INTERPRET:
         return False
-    return triton.runtime.driver.active.get_current_target().arch >= 100
+    return current_arch() >= 100
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -91,9 +90,7 @@ def reduction_slices(length: int, base_programs: int, device: torch.device, spli
     SLICE_ALIGN; the last may be shorter, none empty) so that ``base_programs`` * S programs fill
     the GPU (tuning.split_count: two per SM), unasked at most length // SLICE_MIN slices (so no
     slice is much shorter than SLICE_MIN). ``splits``: ask for S (fewer if ``length`` is too short)."""
-    from .tuning import split_count
-
     if splits is None:
         splits = min(split_count(base_programs, length, device), max(1, length // SLICE_MIN))
-    per_slice = triton.cdiv(triton.cdiv(max(length, 1), splits), SLICE_ALIGN) * SLICE_ALIGN
-    return triton.cdiv(max(length, 1), per_slice), per_slice
+    per_slice = cdiv(cdiv(max(length, 1), splits), SLICE_ALIGN) * SLICE_ALIGN
+    return cdiv(max(length, 1), per_slice), per_slice

@@ -19,7 +19,7 @@ from ._launch import as_slices, block_r, lora_precision, narrow_row_stride
 from ._lora_dot import lora_dot, summed_slices
 from .dropout import dropout_keep
 from .epilogue import magnitude_grad_rescale, magnitude_scale
-from .tuning import autotune, split_count
+from .tuning import autotune, cdiv, split_count
 
 _COLPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
@@ -112,11 +112,11 @@ def magnitude_and_B_grad_partials(dy, q, su, compute_mag: bool, compute_B: bool,
         su = dy
     R = su.shape[1] if compute_B else 1
     BR = block_r(R)
-    r_chunks = triton.cdiv(R, BR) if compute_B else 1
-    splits = splits or split_count(triton.cdiv(N, 128) * r_chunks, M, dy.device)
+    r_chunks = cdiv(R, BR) if compute_B else 1
+    splits = splits or split_count(cdiv(N, 128) * r_chunks, M, dy.device)
     dmag = torch.empty((splits, N), dtype=torch.float32, device=dy.device) if compute_mag else None
     db = torch.empty((splits, N, R), dtype=torch.float32, device=dy.device) if compute_B else None
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_C"]), r_chunks, splits)
     _magnitude_and_B_grad_kernel[grid](
         dy, q if compute_mag else dy, su, dmag if compute_mag else dy, db if compute_B else dy,
         M, N, R, splits, dy.stride(0), dy.stride(1),
@@ -189,10 +189,10 @@ def lora_A_grad_partials(v: torch.Tensor, x: torch.Tensor, dropout_p: float = 0.
     v = as_slices(v)
     R = v.shape[2]
     BR = block_r(R)
-    r_chunks = triton.cdiv(R, BR)
-    splits = splits or split_count(triton.cdiv(K, 128) * r_chunks, M, x.device)
+    r_chunks = cdiv(R, BR)
+    splits = splits or split_count(cdiv(K, 128) * r_chunks, M, x.device)
     da = torch.empty((splits, R, K), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
+    grid = lambda meta: (cdiv(K, meta["BLOCK_C"]), r_chunks, splits)
     _lora_A_grad_kernel[grid](
         v, x, da, M, K, R, splits, x.stride(0), x.stride(1), int(seed), float(dropout_p),
         HAS_DROPOUT=dropout_p > 0, V_SLICES=v.shape[0], BLOCK_R=BR, UPCAST=upcast, PRECISION=precision,
@@ -253,9 +253,9 @@ def finish_adapter_grads(dmag_part: Optional[torch.Tensor], db_part: Optional[to
     dmag = new_like(magnitude) if dmag_part is not None else None
     db = new_like(lora_B) if db_part is not None else None
     da = new_like(lora_A) if da_part is not None else None
-    mag_programs = triton.cdiv(N, _FINISH_BLOCK) if dmag is not None else 0
-    b_programs = triton.cdiv(N * R, _FINISH_BLOCK) if db is not None else 0
-    a_programs = triton.cdiv(R * K, _FINISH_BLOCK) if da is not None else 0
+    mag_programs = cdiv(N, _FINISH_BLOCK) if dmag is not None else 0
+    b_programs = cdiv(N * R, _FINISH_BLOCK) if db is not None else 0
+    a_programs = cdiv(R * K, _FINISH_BLOCK) if da is not None else 0
     if mag_programs + b_programs + a_programs == 0:
         return dmag, db, da
     norm = norm.float().contiguous()

@@ -25,7 +25,7 @@ from ._launch import as_slices, dot_precision, gemm_block_r
 from ._lora_dot import finished_su
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
-from .tuning import autotune, m_bucket
+from .tuning import autotune, cdiv, m_bucket
 
 # Elementwise tiles with a few rank steps: no main loop to pipeline, so one or two stages. 8 warps
 # for 8K-element tiles and none larger (benchmarks/compile_report.py): with 4 warps, 64 x 128
@@ -107,7 +107,7 @@ def dora_compose_epilogue(y, su, lora_B, magnitude, norm, bias, norm_eps: float,
     su = as_slices(su)
     R = su.shape[2]
     q = torch.empty((M, N), dtype=y.dtype, device=y.device) if store_q else None
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_C"]))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_C"]))
     norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_compose_epilogue_kernel[grid](
         y, su, lora_B, su_out if su_out is not None else lora_B,  # lora_B: a dummy of the dtype
@@ -168,7 +168,7 @@ def add_lora_input_grad(dx, v, lora_A, scaling: float, dropout_p: float = 0.0, s
     M, K = dx.shape
     v = as_slices(v)
     R = v.shape[2]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_C"]))
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(K, meta["BLOCK_C"]))
     _add_lora_input_grad_kernel[grid](
         dx, v, lora_A, M, K, R, m_bucket(M), lora_A.stride(0), lora_A.stride(1),
         float(scaling), int(seed), float(dropout_p),

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import cdiv
+
 
 @triton.jit
 def dropout_keep(seed, rows, col0, p, BLOCK_K: tl.constexpr):
@@ -58,6 +60,6 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     """
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if M and K:
-        grid = (triton.cdiv(M, 32), triton.cdiv(K, 32))
+        grid = (cdiv(M, 32), cdiv(K, 32))
         _dropout_mask_kernel[grid](out, M, K, seed, float(p), BLOCK_M=32, BLOCK_K=32)
     return out.bool()

@@ -30,7 +30,7 @@ from ._launch import (
 from ._lora_dot import finished_su, gram_dot, lora_dot
 from .dropout import dropout_keep
 from .epilogue import dora_epilogue, norm_arguments
-from .tuning import autotune, m_bucket
+from .tuning import autotune, cdiv, m_bucket
 
 _DOWN_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -140,12 +140,12 @@ def _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram: b
     M, K = x.shape
     R = lora_A.shape[0]
     BR = block_r(R)
-    r_chunks = triton.cdiv(R, BR)
-    k_splits, k_per_split = reduction_slices(K, triton.cdiv(M, 64) * r_chunks, x.device, splits)
+    r_chunks = cdiv(R, BR)
+    k_splits, k_per_split = reduction_slices(K, cdiv(M, 64) * r_chunks, x.device, splits)
     su = torch.empty((k_splits, M, R), dtype=torch.float32, device=x.device)
     gram = torch.empty((k_splits, R, R), dtype=torch.float32, device=x.device) if store_gram else None
     upcast, precision = lora_precision(x.dtype, lora_A.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, k_splits)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), r_chunks, k_splits)
     _lora_down_kernel[grid](
         x, lora_A, su, gram if store_gram else su, M, K, R, m_bucket(M), k_splits, k_per_split,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -257,7 +257,7 @@ def dora_forward(x, weight, su, lora_B, magnitude, norm, bias, norm_eps: float, 
     R = su.shape[2]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     q = torch.empty((M, N), dtype=x.dtype, device=x.device) if store_q else None
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     norm, norm_out, norm_splits = norm_arguments(norm, norm_out)
     _dora_forward_kernel[grid](
         x, weight, su, lora_B, su_out if su_out is not None else lora_B,  # lora_B: a dummy of the dtype

@@ -27,7 +27,7 @@ from ._launch import (
 from ._lora_dot import lora_dot
 from .dropout import dropout_keep
 from .epilogue import magnitude_scale
-from .tuning import autotune, m_bucket
+from .tuning import autotune, cdiv, m_bucket
 
 _ROWPASS_GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -114,11 +114,11 @@ def lora_up_grad(dy: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor, 
     M, N = dy.shape
     R = lora_B.shape[1]
     BR = block_r(R)
-    r_chunks = triton.cdiv(R, BR)
-    n_splits, n_per_split = reduction_slices(N, triton.cdiv(M, 64) * r_chunks, dy.device, splits)
+    r_chunks = cdiv(R, BR)
+    n_splits, n_per_split = reduction_slices(N, cdiv(M, 64) * r_chunks, dy.device, splits)
     v = torch.empty((n_splits, M, R), dtype=torch.float32, device=dy.device)
     upcast, precision = lora_precision(dy.dtype, lora_B.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_chunks, n_splits)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), r_chunks, n_splits)
     _lora_up_grad_kernel[grid](
         dy, lora_B, v, magnitude.contiguous(), norm.float().contiguous(), e_out if e_out is not None else v,
         M, N, R, m_bucket(M), n_splits, n_per_split, dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
@@ -216,7 +216,7 @@ def dora_input_grad(e, weight, v, lora_A, scaling: float, dropout_p: float = 0.0
     v = as_slices(v)
     R = v.shape[2]
     dx = torch.empty((M, K), dtype=e.dtype, device=e.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
     _dora_input_grad_kernel[grid](
         e, weight, v, lora_A, dx, M, N, K, R, m_bucket(M),
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),

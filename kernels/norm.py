@@ -34,7 +34,7 @@ import triton.language as tl
 from ._launch import block_r, dot_precision
 from ._lora_dot import lora_dot, summed_slices
 from .epilogue import finished_norm
-from .tuning import autotune, split_count
+from .tuning import autotune, cdiv, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -173,7 +173,7 @@ def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     N, K = weight.shape
     R = lora_A.shape[0]
     # split K until the grid has ~2 programs per SM (N alone gives too few programs for small N)
-    k_splits = k_splits or split_count(triton.cdiv(N, 64), triton.cdiv(K, 128), weight.device, rows_per_split_min=4)
+    k_splits = k_splits or split_count(cdiv(N, 64), cdiv(K, 128), weight.device, rows_per_split_min=4)
     partial = torch.empty((k_splits, N), dtype=torch.float32, device=weight.device)
     if gram is not None:
         if gram.dim() != 3 or gram.shape[1:] != (R, R) or gram.dtype != torch.float32 or R > block_r(R):
@@ -183,7 +183,7 @@ def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     else:
         # fp32 adapters: 3xTF32 keeps the norm at fp32 accuracy without plain-fp32 FMA speed
         upcast, precision = False, "tf32x3" if lora_A.dtype == torch.float32 else dot_precision(lora_A.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), k_splits)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), k_splits)
     _row_sumsq_kernel[grid](
         weight, lora_A, lora_B, gram.contiguous() if gram is not None else partial, partial, N, K, R,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
@@ -221,7 +221,7 @@ def finish_row_norm(partial: torch.Tensor) -> torch.Tensor:
     square root, bit for bit as the forward epilogue finishes them."""
     splits, N = partial.shape
     out = torch.empty((N,), dtype=torch.float32, device=partial.device)
-    _finish_row_norm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK"]),)](partial, out, N, NORM_SPLITS=splits)
+    _finish_row_norm_kernel[lambda meta: (cdiv(N, meta["BLOCK"]),)](partial, out, N, NORM_SPLITS=splits)
     return out
 
 

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._launch import block_r, dot_precision
 from .norm import finish_row_norm
-from .tuning import autotune, split_count
+from .tuning import autotune, cdiv, split_count
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -232,11 +232,11 @@ def dora_quant_row_norm(packed: torch.Tensor, code: torch.Tensor, absmax: torch.
     N, K = int(shape[0]), int(shape[1])
     _check_row_span(K)
     R = lora_A.shape[0]
-    k_splits = k_splits or split_count(triton.cdiv(N, 32), triton.cdiv(K, 128), lora_A.device, rows_per_split_min=4)
+    k_splits = k_splits or split_count(cdiv(N, 32), cdiv(K, 128), lora_A.device, rows_per_split_min=4)
     partial = torch.empty((k_splits, N), dtype=torch.float32, device=lora_A.device)
     precision = "tf32x3" if lora_A.dtype == torch.float32 else dot_precision(lora_A.dtype)
     nested = nested_absmax is not None
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), k_splits)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), k_splits)
     # no FMA contraction: the scale's product and sum, and the code * scale product, are rounded as
     # bitsandbytes rounds them (the interpreter never contracts)
     _quant_row_sumsq_kernel[grid](
@@ -287,7 +287,7 @@ def dequantize_4bit_tiles(packed: torch.Tensor, code: torch.Tensor, absmax: torc
     _check_row_span(K)
     out = torch.empty((N, K), dtype=torch.float32, device=packed.device)
     nested = nested_absmax is not None
-    grid = (triton.cdiv(N, 32), triton.cdiv(K, 128))
+    grid = (cdiv(N, 32), cdiv(K, 128))
     _dequant_4bit_kernel[grid](
         packed, code, absmax, nested_absmax if nested else absmax, nested_code if nested else code,
         nested_offset if nested else code, out, N, K,

@@ -100,12 +100,46 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes, rest
         else:
             tuned = triton.autotune(configs=gpu_configs, key=key, prune_configs_by={"early_config_prune": prune},
                                     restore_value=list(restore_value) or None, **_DO_BENCH)(kernel)
+        tuned.__class__ = CachedAutotuner  # same object and state, a cheaper launch once tuned
         tuned_kernel = TUNED_KERNELS[kernel.fn.__name__] = TunedKernel(tuned, gpu_configs, need, case_dtypes,
                                                                        tuple(restore_value))
         return tuned
 
     tuned_kernel = None
     return decorate
+
+
+class CachedAutotuner(triton.runtime.Autotuner):
+    """triton's Autotuner, launching a tuned key's config directly.
+
+    Triton's ``run`` builds three dicts over all of a kernel's ~30 arguments on every launch to
+    find its key (ours take ~30 us of host time each on an H200's host, NOTES attempt 12). Here
+    the key is computed the same way (the ``key`` arguments' values, then the dtype of each tensor
+    argument in order) from precomputed positions, and looked up in Triton's own ``cache``; a miss
+    (first call of a key: pruning and the search) or a config with a pre-hook goes to Triton's
+    ``run``. A key computed differently by some Triton version only costs the fast path, never
+    picks another config: a hit is the config Triton chose for that key.
+    """
+
+    def run(self, *args, **kwargs):
+        if len(self.configs) > 1 and self.cache:
+            config = self.cache.get(self.launch_key(args, kwargs))
+            if config is not None and config.pre_hook is None:
+                self.best_config = config
+                return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        return super().run(*args, **kwargs)
+
+    def launch_key(self, args, kwargs) -> tuple:
+        """The autotune key of a launch, as triton.runtime.Autotuner.run forms it."""
+        try:
+            positions = self._key_positions
+        except AttributeError:
+            positions = self._key_positions = [(name, self.arg_names.index(name)) for name in self.keys]
+        key = [args[i] if i < len(args) else kwargs[name] for name, i in positions
+               if i < len(args) or name in kwargs]
+        key += [str(a.dtype) for a in args if hasattr(a, "dtype")]
+        key += [str(v.dtype) for k, v in kwargs.items() if hasattr(v, "dtype") and k in self.arg_names]
+        return tuple(key)
 
 
 class TunedKernel(NamedTuple):
@@ -187,9 +221,27 @@ def _device_arch(device_index: int) -> int:
     return 10 * major + minor
 
 
+def current_arch() -> int:
+    """The current CUDA device's architecture as 10 * major + minor (90 for Hopper), cached per
+    device: Triton's driver.active.get_current_target() queries the driver on every call."""
+    return _device_arch(torch.cuda.current_device())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints on the host. triton.cdiv and triton.next_power_of_2 became
+    constexpr functions (triton >= 3.5), whose wrapper costs ~10 us a call from host code: about
+    50 calls per training step, a quarter of the host time measured on an H200 (NOTES attempt 12)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0, as triton's), on the host: see `cdiv`."""
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: powers of two, so new sequence lengths do not retune."""
-    return triton.next_power_of_2(max(int(m), 1))
+    return next_power_of_2(max(int(m), 1))
 
 
 def num_sms(device: torch.device) -> int:
@@ -209,8 +261,8 @@ def split_count(base_programs: int, rows: int, device: torch.device, rows_per_sp
     Each slice writes its own fp32 partial result that the launcher sums afterwards: the
     reduction stays deterministic (no atomics).
     """
-    want = triton.cdiv(2 * num_sms(device), max(base_programs, 1))
-    return max(1, min(want, triton.cdiv(max(rows, 1), rows_per_split_min)))
+    want = cdiv(2 * num_sms(device), max(base_programs, 1))
+    return max(1, min(want, cdiv(max(rows, 1), rows_per_split_min)))
 
 
 # The kernel families (modules of this package) whose kernels `autotune` registers.

@@ -49,3 +49,50 @@ def test_fitting_configs_never_empty():
     kernel, configs, smem_bytes = t.kernel, t.configs, t.smem_bytes
     tiny = fitting_configs(configs, _args(kernel, torch.float32, False, 16), smem_bytes, budget=1)
     assert len(tiny) == 1
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    """The launchers' host integer helpers (triton's are constexpr functions, slow from host code)."""
+    import triton
+
+    from fused_dora.kernels.tuning import cdiv, next_power_of_2
+
+    for a in range(0, 300):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 7, 32, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert next_power_of_2(2**31 + 1) == 2**32
+
+
+@pytest.mark.parametrize("name", sorted(TUNED_KERNELS))
+def test_cached_launch_uses_tritons_config_for_the_key(name, monkeypatch):
+    """CachedAutotuner.run: a key Triton has tuned launches that config directly (no key dicts,
+    no pruning); its key is the one triton.runtime.Autotuner.run forms, so both pick the same
+    config; an untuned key goes to Triton's run."""
+    import triton
+
+    tuned = TUNED_KERNELS[name].kernel
+    configs = TUNED_KERNELS[name].configs[:2]
+    if len(configs) < 2:
+        configs = configs * 2
+    # a value per argument the config does not set, positionally (the kernel itself is not run)
+    args = [torch.empty(1, dtype=torch.bfloat16 if i % 2 else torch.float32) if n.endswith("_ptr") else 3 + i
+            for i, n in enumerate(tuned.arg_names) if n not in configs[0].kwargs]
+    launched = []
+    monkeypatch.setattr(tuned, "configs", configs)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: launched.append(kw), raising=False)
+    monkeypatch.setattr(tuned, "prune_configs", lambda *a, **kw: pytest.fail("pruned: the key was not found"))
+    key = tuned.launch_key(args, {})
+    assert key == tuple(key)
+    tuned.cache[key] = configs[1]
+    tuned.run(*args, grid=(1,), warmup=False)                        # the fast path
+    triton.runtime.Autotuner.run(tuned, *args, grid=(1,), warmup=False)  # Triton's own key: same hit
+    assert len(launched) == 2 and launched[0] == launched[1]
+    assert all(launched[0][k] == v for k, v in configs[1].all_kwargs().items())
+    assert tuned.best_config is configs[1]
+    tuned.cache.clear()
+    tuned.cache[("another key",)] = configs[0]
+    monkeypatch.setattr(tuned, "prune_configs", lambda *a, **kw: [configs[0]])
+    tuned.run(*args, grid=(1,), warmup=False)                        # untuned key: Triton's run, one config left
+    assert len(launched) == 3 and tuned.cache[key] is configs[0]
