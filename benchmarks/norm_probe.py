@@ -3,7 +3,9 @@
 
     python benchmarks/norm_probe.py [--json FILE]
 
-Times (median of triton.testing.do_bench, autotuned kernels) on W [N, K] bf16, fp32 adapters:
+GPU time per call (autotuned kernels, replayed from a CUDA graph by
+triton.testing.do_bench_cudagraph, so the host's launch path is not timed: on 2026-12-04 a plain
+do_bench of these calls measured the host, NOTES attempt 12) on W [N, K] bf16, fp32 adapters:
   direct      norm.row_norm_partials(W, A, B, s) + finish
   factored    norm.row_norm_partials(W, A, B, s, gram=G) + finish, G from lora_down_and_gram
   down        forward.lora_down(x, A, s)               (x [M, K] bf16)
@@ -32,6 +34,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def device_ms(fn) -> float:
+    """Median GPU milliseconds of ``fn`` (already tuned) replayed from a CUDA graph."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def measure(N: int, K: int, r: int, bw: float, M: int = 4096, s: float = 2.0) -> dict:
     W = torch.randn(N, K, device="cuda").mul_(0.02).to(torch.bfloat16)
     A = torch.randn(r, K, device="cuda").mul_(0.05)
@@ -48,7 +55,7 @@ def measure(N: int, K: int, r: int, bw: float, M: int = 4096, s: float = 2.0) ->
            "down": lambda: forward.lora_down(x, A, s),
            "down_gram": lambda: forward.lora_down_and_gram(x, A, s)}
     err = {f"err_{k}": ((fns[k]().double() - ref).norm() / ref.norm()).item() for k in ("direct", "factored")}
-    t = {k: 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") for k, fn in fns.items()}
+    t = {k: 1e3 * device_ms(fn) for k, fn in fns.items()}
     floor = W.numel() * W.element_size() / bw * 1e6  # one read of W at the copy rate
     return dict(N=N, K=K, r=r, M=M, floor_us=floor, **err, **t)
 
