@@ -31,6 +31,12 @@ def block_r(r: int) -> int:
     return min(64, max(16, next_power_of_2(r)))
 
 
+def factored_rank_limit() -> int:
+    """The largest rank the factored norm serves (forward.lora_down_and_gram, norm.row_norm_partials
+    with ``gram``): one rank chunk (`block_r`), so one program forms G = A @ A.T as one tile."""
+    return block_r(64)
+
+
 def gemm_block_r(r: int) -> int:
     """Rank chunk of the LoRA steps inside the two [M, N, K] GEMMs: `block_r`, but 16 on GPUs
     before Hopper. There mma.sync takes both operands from registers, and wider chunks of the

@@ -22,6 +22,7 @@ from ._launch import (
     block_r,
     dot_precision,
     epilogue_halves,
+    factored_rank_limit,
     gemm_block_r,
     lora_precision,
     narrow_row_stride,
@@ -124,15 +125,10 @@ def lora_down_and_gram(x: torch.Tensor, lora_A: torch.Tensor, scaling: float, dr
     """(su partial sums [S, M, r], G partial sums [S, r, r]) fp32 in one launch: `lora_down`, and
     G = lora_A @ lora_A.T over the same S slices of K (fp32 accuracy: 3xTF32 for fp32 A, exact
     products for 16-bit A), which the factored norm (norm.row_norm_partials) reads. Only for r at
-    most `factored_rank_limit` (one rank chunk). Arguments as `lora_down`."""
+    most `_launch.factored_rank_limit` (one rank chunk). Arguments as `lora_down`."""
     if lora_A.shape[0] > factored_rank_limit():
         raise ValueError(f"lora_down_and_gram: rank {lora_A.shape[0]} above {factored_rank_limit()}")
     return _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram=True)
-
-
-def factored_rank_limit() -> int:
-    """The largest rank whose G = A @ A.T one program of lora_down forms: one rank chunk (`block_r`)."""
-    return block_r(64)
 
 
 def _launch_lora_down(x, lora_A, scaling, dropout_p, seed, splits, store_gram: bool):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import block_r, dot_precision
+from ._launch import block_r, dot_precision, factored_rank_limit
 from ._lora_dot import lora_dot, summed_slices
 from .epilogue import finished_norm
 from .tuning import autotune, cdiv, split_count
@@ -166,7 +166,7 @@ def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     ``gram``: None for the direct sum: B @ A on tensor cores in the adapters' dtype with fp32
     accumulation (fp32 adapters: 3xTF32, close to fp32 accuracy), squares summed in fp32. Or
     G = lora_A @ lora_A.T as partial sums [S, r, r] fp32 (forward.lora_down_and_gram, r at most
-    forward.factored_rank_limit()) for the factored sum (module docstring): partial sums may then
+    _launch.factored_rank_limit()) for the factored sum (module docstring): partial sums may then
     be slightly negative, and their finished square root is clamped at 0.
     k_splits overrides how many slices of K run in parallel (default: enough to fill the GPU).
     """
@@ -176,9 +176,9 @@ def row_norm_partials(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     k_splits = k_splits or split_count(cdiv(N, 64), cdiv(K, 128), weight.device, rows_per_split_min=4)
     partial = torch.empty((k_splits, N), dtype=torch.float32, device=weight.device)
     if gram is not None:
-        if gram.dim() != 3 or gram.shape[1:] != (R, R) or gram.dtype != torch.float32 or R > block_r(R):
+        if gram.dim() != 3 or gram.shape[1:] != (R, R) or gram.dtype != torch.float32 or R > factored_rank_limit():
             raise ValueError(f"row_norm_partials: gram must be fp32 partial sums [S, {R}, {R}] with r <= "
-                             f"{block_r(R)}, got {tuple(gram.shape)} {gram.dtype}")
+                             f"{factored_rank_limit()}, got {tuple(gram.shape)} {gram.dtype}")
         upcast, precision = _factored_precision(weight.dtype, lora_A.dtype)
     else:
         # fp32 adapters: 3xTF32 keeps the norm at fp32 accuracy without plain-fp32 FMA speed
