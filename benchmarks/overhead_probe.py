@@ -15,6 +15,7 @@ and writes cProfile's top functions (by own time) for 20 steps. Runs on CPU too 
 Triton's interpreter) as a smoke test of the script itself.
 """
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -67,6 +68,9 @@ def main() -> int:
     ap.add_argument("--features", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--ncu-step", action="store_true",
+                    help="only: 3 warm-up steps (dropout 0.05), then one step inside the NVTX range "
+                         "'fused_dora_step' for ncu's --nvtx-include (benchmarks/ncu_step.sh)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
@@ -79,7 +83,7 @@ def main() -> int:
         print(line, flush=True)
         report.append(line)
 
-    for dropout in (0.05, 0.0):
+    for dropout in ((0.05,) if args.ncu_step else (0.05, 0.0)):
         base = torch.nn.Linear(N, N, bias=False, device=dev, dtype=torch.bfloat16)
         layer = FusedDoraLinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dropout=dropout, route="fused")
         with torch.no_grad():
@@ -96,6 +100,12 @@ def main() -> int:
         for _ in range(3):  # autotune + compile
             step()
             floor()
+        if args.ncu_step:
+            sync()
+            with torch.cuda.nvtx.range("fused_dora_step") if dev == "cuda" else contextlib.nullcontext():
+                step()
+            sync()
+            return 0
         host, wall = timed(step, args.steps)
         fhost, fwall = timed(floor, args.steps)
         say(f"## dropout {dropout}: M={M} N=K={N} r={r} bf16 + fp32 adapters, route fused")

@@ -130,16 +130,33 @@ class CachedAutotuner(triton.runtime.Autotuner):
         return super().run(*args, **kwargs)
 
     def launch_key(self, args, kwargs) -> tuple:
-        """The autotune key of a launch, as triton.runtime.Autotuner.run forms it."""
+        """The autotune key of a launch, as triton.runtime.Autotuner.run forms it: the ``key``
+        arguments' values, then str(dtype) of every argument that has a dtype, in order."""
         try:
             positions = self._key_positions
         except AttributeError:
             positions = self._key_positions = [(name, self.arg_names.index(name)) for name in self.keys]
-        key = [args[i] if i < len(args) else kwargs[name] for name, i in positions
-               if i < len(args) or name in kwargs]
-        key += [str(a.dtype) for a in args if hasattr(a, "dtype")]
-        key += [str(v.dtype) for k, v in kwargs.items() if hasattr(v, "dtype") and k in self.arg_names]
+        n = len(args)
+        key = [args[i] if i < n else kwargs[name] for name, i in positions if i < n or name in kwargs]
+        key += [_dtype_name(a) for a in args if type(a) not in _NO_DTYPE and hasattr(a, "dtype")]
+        if kwargs:
+            key += [_dtype_name(v) for k, v in kwargs.items()
+                    if type(v) not in _NO_DTYPE and hasattr(v, "dtype") and k in self.arg_names]
         return tuple(key)
+
+
+# launch arguments that have no dtype (skipped without a hasattr lookup, which fails slowly)
+_NO_DTYPE = frozenset({int, float, bool, str, type(None)})
+_DTYPE_STR = {}
+
+
+def _dtype_name(a) -> str:
+    """str(a.dtype), memoised (str of a torch.dtype builds a new string on every call)."""
+    dt = a.dtype
+    name = _DTYPE_STR.get(dt)
+    if name is None:
+        name = _DTYPE_STR[dt] = str(dt)
+    return name
 
 
 class TunedKernel(NamedTuple):
