@@ -10,13 +10,14 @@
 #   2. python benchmarks/bench.py --quick --max-minutes 3.3 (autotuned), which writes
 #      benchmarks/results/<UTC date>T<HHMM>_<device>.{json,md,png}
 #   3. python benchmarks/overhead_probe.py: one q/o layer's training step, host time against the
-#      GPU kernels' time (NOTES attempts 12-13), written as <stamp>_<device>_overhead_*.txt
+#      GPU kernels' time (NOTES attempts 12-13); its summary, a cProfile and a torch.profiler table
+#      are kept as <stamp>_<device>_overhead_*.txt
 #
 # The test log goes to benchmarks/results/<UTC date>T<HHMM>_<device>_gpu_tests.txt. When $OUT is
 # set (a device call returns only the files under it), every new result file is copied there too.
 # The last lines printed say what to commit. Exit status: 0 if all steps passed.
-# Time limits (seconds) per step: TEST_TIMEOUT (default 170), BENCH_TIMEOUT (default 280),
-# PROBE_TIMEOUT (default 100).
+# Time limits (seconds) per step: TEST_TIMEOUT (default 170 with xdist, else 240), BENCH_TIMEOUT
+# (default 280), PROBE_TIMEOUT (default 100); with xdist 550 s at most, inside a 600 s device call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET  # compiled kernels, not the interpreter
@@ -38,6 +39,7 @@ stamp=$(date -u +%Y-%m-%dT%H%M)
 tests_log="$results/${stamp}_${slug}_gpu_tests.txt"
 # several processes compile at once where pytest-xdist is there (each test compiles its kernels)
 xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+test_limit=$([ -n "$xdist" ] && echo 170 || echo 240)  # serial: as long as the budget allows
 
 {
     echo "# first_gpu_run: $stamp UTC, git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -45,7 +47,7 @@ xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__)"
     echo "\$ FUSED_DORA_AUTOTUNE=0 python -m pytest -q $xdist tests/test_gpu.py"
 } > "$tests_log"
-FUSED_DORA_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-170}" python -m pytest -q $xdist tests/test_gpu.py 2>&1 | tee -a "$tests_log"
+FUSED_DORA_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-$test_limit}" python -m pytest -q $xdist tests/test_gpu.py 2>&1 | tee -a "$tests_log"
 tests_rc=${PIPESTATUS[0]}
 echo "exit status: $tests_rc" >> "$tests_log"
 
@@ -55,9 +57,12 @@ bench_rc=$?
 probe_dir=$(mktemp -d)
 timeout "${PROBE_TIMEOUT:-100}" python benchmarks/overhead_probe.py --out "$probe_dir"
 probe_rc=$?
-for f in overhead_probe.txt overhead_cprofile_p0.0.txt; do
-    [ -f "$probe_dir/$f" ] && cp "$probe_dir/$f" "$results/${stamp}_${slug}_${f}"
+# the summary, one cProfile and one torch.profiler table: with the test log and bench.py's three
+# files, 7 files (a device call returns at most 8)
+for f in overhead_probe.txt overhead_cprofile_p0.0.txt overhead_profile_p0.05.txt; do
+    [ -f "$probe_dir/$f" ] && cp "$probe_dir/$f" "$results/${stamp}_${slug}_$f"
 done
+rm -rf "$probe_dir"
 
 new_files=$(find "$results" -maxdepth 1 -type f -newer "$marker" | sort)
 rm -f "$marker"

@@ -238,10 +238,20 @@ def _device_arch(device_index: int) -> int:
     return 10 * major + minor
 
 
+_ARCH = {}  # (active Triton driver, device) -> arch; the key holds the driver (no id reuse)
+
+
 def current_arch() -> int:
-    """The current CUDA device's architecture as 10 * major + minor (90 for Hopper), cached per
-    device: Triton's driver.active.get_current_target() queries the driver on every call."""
-    return _device_arch(torch.cuda.current_device())
+    """The architecture Triton compiles for now, 10 * major + minor (90 for Hopper): Triton's
+    driver.active.get_current_target().arch, cached per active driver and device (it queries the
+    driver on every call). Per driver, not torch.cuda's device: benchmarks/compile_report.py and
+    cost_model.py make a driver for sm_80 / sm_90 / sm_100 active on any machine."""
+    drv = triton.runtime.driver.active
+    key = (drv, drv.get_current_device())
+    arch = _ARCH.get(key)
+    if arch is None:
+        arch = _ARCH[key] = drv.get_current_target().arch
+    return arch
 
 
 def cdiv(a: int, b: int) -> int:

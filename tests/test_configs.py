@@ -66,33 +66,46 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
 
 @pytest.mark.parametrize("name", sorted(TUNED_KERNELS))
 def test_cached_launch_uses_tritons_config_for_the_key(name, monkeypatch):
-    """CachedAutotuner.run: a key Triton has tuned launches that config directly (no key dicts,
-    no pruning); its key is the one triton.runtime.Autotuner.run forms, so both pick the same
-    config; an untuned key goes to Triton's run."""
+    """CachedAutotuner.run: a key Triton has tuned launches that config directly, without
+    Triton's run; its key is the one triton.runtime.Autotuner.run forms (Triton's run finds the
+    config under it without pruning); an untuned key goes to Triton's run, which tunes it."""
+    import inspect
+
     import triton
+    import triton.language as tl
 
     tuned = TUNED_KERNELS[name].kernel
     configs = TUNED_KERNELS[name].configs[:2]
     if len(configs) < 2:
         configs = configs * 2
-    # a value per argument the config does not set, positionally (the kernel itself is not run)
+    # as the launchers pass them: the runtime arguments positionally, the constexprs a config
+    # does not set by keyword; the kernel itself is not run
+    params = inspect.signature(tuned.base_fn).parameters
+    runtime = [n for n in tuned.arg_names if params[n].annotation is not tl.constexpr]
+    constexprs = [n for n in tuned.arg_names if n not in runtime and n not in configs[0].kwargs]
     args = [torch.empty(1, dtype=torch.bfloat16 if i % 2 else torch.float32) if n.endswith("_ptr") else 3 + i
-            for i, n in enumerate(tuned.arg_names) if n not in configs[0].kwargs]
+            for i, n in enumerate(runtime)]
+    kwargs = {n: 7 + i for i, n in enumerate(constexprs)}
+    names = runtime + constexprs
     launched = []
     monkeypatch.setattr(tuned, "configs", configs)
     monkeypatch.setattr(tuned, "cache", {})
     monkeypatch.setattr(tuned.fn, "run", lambda *a, **kw: launched.append(kw), raising=False)
     monkeypatch.setattr(tuned, "prune_configs", lambda *a, **kw: pytest.fail("pruned: the key was not found"))
-    key = tuned.launch_key(args, {})
-    assert key == tuple(key)
+    key = tuned.launch_key(args, kwargs)
+    assert len(key) == len(tuned.keys) + sum(n.endswith("_ptr") for n in names)
     tuned.cache[key] = configs[1]
-    tuned.run(*args, grid=(1,), warmup=False)                        # the fast path
-    triton.runtime.Autotuner.run(tuned, *args, grid=(1,), warmup=False)  # Triton's own key: same hit
+    triton.runtime.Autotuner.run(tuned, *args, grid=(1,), warmup=False, **kwargs)  # Triton's key finds it
+    with monkeypatch.context() as m:
+        m.setattr(triton.runtime.Autotuner, "run", lambda *a, **kw: pytest.fail("not the cached launch"))
+        tuned.run(*args, grid=(1,), warmup=False, **kwargs)                       # the cached launch
     assert len(launched) == 2 and launched[0] == launched[1]
-    assert all(launched[0][k] == v for k, v in configs[1].all_kwargs().items())
+    assert all(launched[1][k] == v for k, v in configs[1].all_kwargs().items())
     assert tuned.best_config is configs[1]
+    # an untuned key: Triton's run prunes and searches (timings stubbed: configs[0] wins)
     tuned.cache.clear()
-    tuned.cache[("another key",)] = configs[0]
-    monkeypatch.setattr(tuned, "prune_configs", lambda *a, **kw: [configs[0]])
-    tuned.run(*args, grid=(1,), warmup=False)                        # untuned key: Triton's run, one config left
-    assert len(launched) == 3 and tuned.cache[key] is configs[0]
+    monkeypatch.setattr(tuned, "prune_configs", lambda *a, **kw: list(configs))
+    monkeypatch.setattr(tuned, "_bench", lambda *a, config, **kw: [0.0 if config is configs[0] else 1.0] * 3)
+    tuned.run(*args, grid=(1,), warmup=False, **kwargs)
+    assert tuned.cache[key] is configs[0] and len(launched) == 3
+    assert all(launched[2][k] == v for k, v in configs[0].all_kwargs().items())
