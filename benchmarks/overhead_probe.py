@@ -10,6 +10,7 @@ bytes. This probe separates the two possible causes for one layer (bf16 base, fp
   host      wall time per step with no synchronisation inside the loop (the Python + launch path)
   device    the sum of the step's GPU kernel times (torch.profiler), per kernel
   step      wall time per step with a synchronisation at the end (what bench.py sees)
+  graph     GPU time per step replayed from a CUDA graph (dropout 0: no host work in between)
 
 and writes cProfile's top functions (by own time) for 20 steps. Runs on CPU too (tiny shape,
 Triton's interpreter) as a smoke test of the script itself.
@@ -45,6 +46,32 @@ def timed(fn, steps: int):
     t_host = time.perf_counter() - t0
     sync()
     return t_host / steps, (time.perf_counter() - t0) / steps
+
+
+def graph_replay_us(step, replays: int = 20) -> str:
+    """GPU time per training step replayed from a CUDA graph (no host work between launches): what
+    the step's kernels cost without the launch path. Dropout-free steps only (the seed is drawn on
+    the host and would be frozen in the graph). A failure to capture is reported, not raised."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return f"{start.elapsed_time(end) * 1e3 / replays:.0f} us"
+    except Exception as exc:  # noqa: BLE001 - a probe: say why capture failed and go on
+        return f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def parity(layer, x, dy) -> str:
@@ -113,6 +140,9 @@ def main() -> int:
         say(f"floor step: host {fhost * 1e6:.0f} us, wall {fwall * 1e6:.0f} us")
         if dropout == 0.0:
             say(f"parity vs float64 after tuning: {parity(layer, x, dy)}")
+            if dev == "cuda":
+                say(f"fused step replayed from a CUDA graph: {graph_replay_us(step)}; "
+                    f"floor: {graph_replay_us(floor)}")
 
         acts = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
