@@ -149,8 +149,10 @@ ASSUMPTIONS = [
     ("ETA_GEMM", "H100/H200 0.72 (~710 TFLOP/s, NOTES' 700), B200 0.70, A100 0.85: cuBLAS on large bf16 GEMMs, "
                  "and the sustained fraction of the tensor and issue rates any main loop gets"),
     ("issue", f"1 instruction/clk per SM sub-partition; one warp alone issues {WARP_IPC}/clk"),
-    ("launch", f"{LAUNCH_US} us of GPU time per launch beyond its work, Triton and eager alike; GPU-bound (the host "
-               "keeps ahead: bench.py's `wall` column shows where it does not)"),
+    ("launch", f"{LAUNCH_US} us of GPU time per launch beyond its work, Triton and eager alike. GPU time only: "
+               "the host's launch path is not modelled, and on an H200 it was measured at 1.4-1.6 ms per q/o "
+               "training step (NOTES attempts 12-13), so a case whose predicted GPU time is below the host's "
+               "runs at the host's pace"),
     ("memory latency", f"{MEM_LATENCY_US} us (Little's law for small grids; one pipeline fill per wave of programs)"),
     ("bytes", "each tensor argument once from HBM (operand re-reads hit L2), in-place ones twice"),
     ("autotuner", "picks the pickable config with the least predicted time"),
