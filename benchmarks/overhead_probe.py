@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
 
 from fused_dora import FusedDoraLinear, reference  # noqa: E402
 
@@ -48,28 +49,13 @@ def timed(fn, steps: int):
     return t_host / steps, (time.perf_counter() - t0) / steps
 
 
-def graph_replay_us(step, replays: int = 20) -> str:
-    """GPU time per training step replayed from a CUDA graph (no host work between launches): what
-    the step's kernels cost without the launch path. Dropout-free steps only (the seed is drawn on
-    the host and would be frozen in the graph). A failure to capture is reported, not raised."""
+def graph_replay_us(step) -> str:
+    """GPU time per training step replayed from a CUDA graph (triton.testing.do_bench_cudagraph: no
+    host work between launches): what the step's kernels cost without the launch path. Dropout-free
+    steps only (the seed is drawn on the host and would be frozen in the graph). A failure to
+    capture is reported, not raised."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return f"{start.elapsed_time(end) * 1e3 / replays:.0f} us"
+        return f"{1e3 * triton.testing.do_bench_cudagraph(step, rep=20, return_mode='median'):.0f} us"
     except Exception as exc:  # noqa: BLE001 - a probe: say why capture failed and go on
         return f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
 

@@ -85,7 +85,7 @@ def autotune(gpu_configs, interpreter_config, key, smem_bytes, case_dtypes, rest
         device = torch.cuda.current_device()
         args = {**nargs, **kwargs}
         return pickable_configs(configs, args, need, _device_smem_budget(device),
-                                spilling=tuned_kernel.spilling(args, _device_arch(device)), keep_all=AUTOTUNE)
+                                spilling=tuned_kernel.spilling(args, current_arch()), keep_all=AUTOTUNE)
 
     def need(args) -> int:
         return smem_bytes(args) + BARRIER_BYTES
@@ -230,12 +230,6 @@ def pickable_configs(configs, args, smem_bytes, budget: int, spilling=frozenset(
 def fitting_configs(configs, args, smem_bytes, budget: int, keep_all: bool = True):
     """`pickable_configs` by shared memory alone."""
     return pickable_configs(configs, args, smem_bytes, budget, keep_all=keep_all)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_arch(device_index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return 10 * major + minor
 
 
 _ARCH = {}  # (active Triton driver, device) -> arch; the key holds the driver (no id reuse)
